@@ -1,0 +1,140 @@
+"""What AdamP and SGDP share besides the projection: argument checks, the
+per-variable static plan made in `build`, and weight decay moved into
+`update_step` (it depends on the projection's decision)."""
+
+import dataclasses
+import numbers
+
+import keras
+from keras import ops
+
+from keras_adamp import projection
+
+
+def check_range(name, value, low, high=None, high_inclusive=False):
+    """Raises ValueError naming `name` unless low <= value < high (or <= high)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"`{name}` must be a number. Received: {name}={value!r}")
+    upper_ok = (
+        high is None
+        or value < high
+        or (high_inclusive and value == high)
+    )
+    if not (value >= low and upper_ok):  # also rejects NaN
+        if high is None:
+            bounds = f">= {low}"
+        else:
+            bounds = f"in [{low}, {high}{']' if high_inclusive else ')'}"
+        raise ValueError(f"`{name}` must be {bounds}. Received: {name}={value}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _VariablePlan:
+    """Static facts per variable index, decided once in `build`.
+
+    On TensorFlow `update_step` receives the raw tf.Variable, which has no Keras
+    path, so everything that depends on the path is decided here.
+    """
+
+    layouts: tuple  # projection.ChannelLayout, or None for rank <= 1
+    decays: tuple  # bool: weight decay applies (exclude_from_weight_decay)
+
+
+class ProjectedOptimizer(keras.optimizers.Optimizer):
+    """Base of AdamP and SGDP: not for direct use."""
+
+    def __init__(
+        self,
+        learning_rate,
+        epsilon,
+        weight_decay,
+        delta,
+        wd_ratio,
+        channel_axes,
+        **kwargs,
+    ):
+        if isinstance(learning_rate, numbers.Real):
+            learning_rate = check_range("learning_rate", learning_rate, 0.0)
+        weight_decay = check_range(
+            "weight_decay", 0.0 if weight_decay is None else weight_decay, 0.0
+        )
+        super().__init__(
+            learning_rate=learning_rate, weight_decay=weight_decay, **kwargs
+        )
+        self.epsilon = check_range("epsilon", epsilon, 0.0)
+        self.delta = check_range("delta", delta, 0.0)
+        self.wd_ratio = check_range("wd_ratio", wd_ratio, 0.0, 1.0, True)
+        self.channel_axes = projection.validate_channel_axes(channel_axes)
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._plan = _VariablePlan(
+            layouts=tuple(
+                projection.resolve_channel_axes(var_list, self.channel_axes)
+            ),
+            decays=tuple(
+                self.weight_decay > 0 and self._use_weight_decay(v)
+                for v in var_list
+            ),
+        )
+
+    def _apply_weight_decay(self, variables):
+        # Decay is applied in `update_step`: its factor depends on whether the
+        # projection fired (wd_ratio) for that variable at that step.
+        return
+
+    def channel_layout(self, variable):
+        """The `projection.ChannelLayout` used for `variable` (None: rank <= 1)."""
+        return self._plan.layouts[self._get_variable_index(variable)]
+
+    def _dense(self, gradient, variable):
+        # On TensorFlow an Embedding's gradient is IndexedSlices; the cosine
+        # needs it whole. scatter sums repeated indices, as IndexedSlices do.
+        if hasattr(gradient, "indices") and hasattr(gradient, "values"):
+            gradient = ops.scatter(
+                ops.expand_dims(gradient.indices, -1),
+                gradient.values,
+                tuple(variable.shape),
+            )
+        return ops.cast(gradient, variable.dtype)
+
+    def _project(self, index, variable, gradient, update):
+        """(update, decay_ratio) after the projection, for variable `index`."""
+        layout = self._plan.layouts[index]
+        if layout is None:
+            return update, 1.0
+        return projection.project(
+            variable,
+            gradient,
+            update,
+            layout,
+            self.delta,
+            self.wd_ratio,
+            self.epsilon,
+        )
+
+    def _decayed(self, index, variable, lr, ratio, scale=1.0):
+        """w * (1 - lr * weight_decay * ratio * scale), or w if not decayed."""
+        if not self._plan.decays[index]:
+            return variable
+        return variable * (1.0 - lr * (self.weight_decay * scale) * ratio)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "epsilon": self.epsilon,
+                "delta": self.delta,
+                "wd_ratio": self.wd_ratio,
+                "channel_axes": (
+                    None
+                    if self.channel_axes is None
+                    else {k: list(v) for k, v in self.channel_axes.items()}
+                ),
+            }
+        )
+        return config
+

@@ -1,0 +1,168 @@
+import math
+
+import keras
+from keras import ops
+
+from keras_adamp._base import ProjectedOptimizer
+from keras_adamp._base import check_range
+from keras_adamp._docs import base_optimizer_keyword_args
+
+
+@keras.saving.register_keras_serializable(package="keras_adamp")
+class AdamP(ProjectedOptimizer):
+    """Optimizer that implements AdamP: Adam without the weight-norm growth.
+
+    AdamP (Heo et al., 2021) is Adam with decoupled weight decay plus one step.
+    For a weight whose gradient is nearly orthogonal to it,
+    `|cos(g, w)| < delta / sqrt(dim)` (the mark of a scale-invariant weight: a
+    convolution or dense kernel followed by BatchNorm or LayerNorm), the radial
+    component of the Adam update is removed. Momentum then no longer inflates
+    the weight norm, which would shrink the effective step size, and the weight
+    decay on that weight is scaled by `wd_ratio`. The test is tried per output
+    channel first, then on the whole tensor. Variables of rank <= 1 (biases,
+    normalisation parameters) are updated as by AdamW.
+
+    Trajectories equal those of the official PyTorch code (`adamp==0.3.0`) once
+    its layouts are transposed to Keras's.
+
+    Args:
+        learning_rate: A float, a
+            `keras.optimizers.schedules.LearningRateSchedule` instance, or
+            a callable that takes no arguments and returns the actual value to
+            use. The learning rate. Defaults to `0.001`.
+        beta_1: A float value. The exponential decay rate for the 1st moment
+            estimates. Defaults to `0.9`.
+        beta_2: A float value. The exponential decay rate for the 2nd moment
+            estimates. Defaults to `0.999`.
+        epsilon: A small constant for numerical stability, used in the Adam
+            denominator, the cosine's norms and the projection's `||w|| + eps`.
+            Defaults to `1e-8` (Keras's Adam uses `1e-7`).
+        weight_decay: A float, decoupled weight decay as in AdamW:
+            `w <- w * (1 - learning_rate * weight_decay * r)` with `r = wd_ratio`
+            for projected weights, else 1. Defaults to `0.0`.
+        delta: A float, the cosine threshold of the scale-invariance test.
+            Defaults to `0.1`.
+        wd_ratio: A float in [0, 1], the weight-decay factor applied to
+            projected weights. Defaults to `0.1`.
+        nesterov: Boolean, whether to use Nesterov momentum in the update.
+            Defaults to `False`.
+        channel_axes: Optional dict `{pattern: axes}` overriding which axes of a
+            variable index its output channels; `pattern` is a regular
+            expression searched in `variable.path`, `axes` an int or a list of
+            contiguous ints, `[]` for the whole tensor as one group. Needed for
+            layouts static rules cannot tell apart, e.g.
+            `{"conv2d_transpose": -2}`. Defaults to `None` (the rules of
+            `keras_adamp.projection.default_channel_axes`).
+        {{base_optimizer_keyword_args}}
+
+    References:
+        - [Heo et al., 2021](https://arxiv.org/abs/2006.08217)
+        - [Official PyTorch code](https://github.com/clovaai/AdamP)
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        weight_decay=0.0,
+        delta=0.1,
+        wd_ratio=0.1,
+        nesterov=False,
+        channel_axes=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name="adamp",
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            epsilon=epsilon,
+            weight_decay=weight_decay,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            channel_axes=channel_axes,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            name=name,
+            **kwargs,
+        )
+        self.beta_1 = check_range("beta_1", beta_1, 0.0, 1.0)
+        self.beta_2 = check_range("beta_2", beta_2, 0.0, 1.0)
+        self.nesterov = bool(nesterov)
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._momentums, self._velocities = self.add_optimizer_variables(
+            var_list, ["momentum", "velocity"]
+        )
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Update step given gradient and the associated model variable."""
+        index = self._get_variable_index(variable)
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        g = self._dense(gradient, variable)
+        t = ops.cast(self.iterations + 1, dtype)
+        b1, b2 = self.beta_1, self.beta_2
+        m = self._momentums[index]
+        v = self._velocities[index]
+
+        m_new = b1 * m + (1.0 - b1) * g
+        v_new = b2 * v + (1.0 - b2) * ops.square(g)
+        self.assign(m, m_new)
+        self.assign(v, v_new)
+
+        denom = ops.sqrt(v_new) / ops.sqrt(_one_minus_power(b2, t)) + self.epsilon
+        step_size = lr / _one_minus_power(b1, t)
+        if self.nesterov:
+            u = (b1 * m_new + (1.0 - b1) * g) / denom
+        else:
+            u = m_new / denom
+
+        u, ratio = self._project(index, variable, g, u)
+        w = self._decayed(index, variable, lr, ratio)
+        self.assign(variable, w - step_size * u)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "nesterov": self.nesterov,
+            }
+        )
+        return config
+
+
+def _one_minus_power(beta, t):
+    """1 - beta**t, accurate in float32 for beta near 1.
+
+    In float32 `1 - 0.999**t` keeps only ~3 digits (0.999**t carries an
+    absolute rounding of ~6e-8 and the difference is ~1e-3); the reference
+    computes it in float64. -expm1(t * log(beta)) keeps full precision.
+    """
+    if beta == 0:
+        return ops.ones_like(t)
+    return -ops.expm1(t * math.log(beta))
+
+
+AdamP.__doc__ = AdamP.__doc__.replace(
+    "{{base_optimizer_keyword_args}}", base_optimizer_keyword_args
+)
