@@ -21,3 +21,25 @@ def oracle():
         pytest.skip(f"oracle not installed ({error}); pip install '.[test]'")
     torch.set_num_threads(1)
     return torch, adamp
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "tensorflow_only: needs the TensorFlow backend (tf.distribute, "
+        "IndexedSlices, tf.function); skipped with a reason on JAX and torch.",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    skip = pytest.mark.skip(
+        reason=f"TensorFlow-only feature; KERAS_BACKEND={backend}"
+    )
+    for item in items:
+        if "tensorflow_only" in item.keywords:
+            item.add_marker(skip)
