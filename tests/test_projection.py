@@ -1,0 +1,153 @@
+"""The projection and the layout rules, on their own (no optimizer)."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_adamp import AdamP
+from keras_adamp import projection
+from keras_adamp.projection import ChannelLayout
+
+
+def variables_of(layer, input_shape):
+    layer.build(input_shape)
+    return {v.name: v for v in layer.weights}
+
+
+@pytest.mark.parametrize(
+    "layer, input_shape, variable, groups, group_size",
+    [
+        (keras.layers.Dense(6), (None, 10), "kernel", 6, 10),
+        (keras.layers.Conv1D(6, 3), (None, 8, 4), "kernel", 6, 12),
+        (keras.layers.Conv2D(6, 3), (None, 8, 8, 4), "kernel", 6, 36),
+        (keras.layers.Conv3D(4, 2), (None, 4, 4, 4, 3), "kernel", 4, 24),
+        (keras.layers.DepthwiseConv1D(3), (None, 8, 5), "kernel", 5, 3),
+        (keras.layers.DepthwiseConv2D(3), (None, 8, 8, 5), "kernel", 5, 9),
+        (keras.layers.SeparableConv2D(4, 3), (None, 8, 8, 5), "depthwise_kernel", 5, 9),
+        (
+            keras.layers.SeparableConv2D(4, 3, depth_multiplier=2),
+            (None, 8, 8, 5),
+            "depthwise_kernel",
+            10,
+            9,
+        ),
+        (keras.layers.SeparableConv2D(4, 3), (None, 8, 8, 5), "pointwise_kernel", 4, 5),
+        (keras.layers.Embedding(12, 6), (None,), "embeddings", 12, 6),
+    ],
+)
+def test_default_layout_groups_by_the_keras_output_channel(
+    layer, input_shape, variable, groups, group_size
+):
+    v = variables_of(layer, input_shape)[variable]
+    axes = projection.default_channel_axes(tuple(v.shape), v.name)
+    layout = ChannelLayout.create(tuple(v.shape), axes)
+    assert (layout.num_channels, layout.group_size) == (groups, group_size)
+
+
+def test_rank_one_variables_are_never_projected():
+    assert projection.default_channel_axes((7,), "bias") is None
+    assert projection.default_channel_axes((), "scalar") is None
+
+
+def test_override_sets_conv_transpose_output_channel():
+    v = variables_of(keras.layers.Conv2DTranspose(5, 3), (None, 8, 8, 3))["kernel"]
+    assert tuple(v.shape) == (3, 3, 5, 3)  # (*k, out, in)
+    (layout,) = projection.resolve_channel_axes([v], {"conv2d_transpose": -2})
+    assert layout.channel_axes == (2,) and layout.view == (9, 5, 3)
+    assert layout.reduce_axes == (0, 2)
+    assert (layout.num_channels, layout.group_size) == (5, 27)
+
+
+def test_override_of_an_empty_axis_list_is_the_layer_view():
+    layout = ChannelLayout.create((4, 5), [])
+    assert (layout.num_channels, layout.group_size) == (1, 20)
+
+
+def test_override_matching_no_variable_names_the_pattern_and_variables():
+    v = variables_of(keras.layers.Dense(3), (None, 2))["kernel"]
+    with pytest.raises(ValueError, match=r"'nothing'.*dense.*kernel.*\(2, 3\)"):
+        projection.resolve_channel_axes([v], {"nothing": -1})
+
+
+def test_override_axis_out_of_range_names_the_variable_and_shape():
+    v = variables_of(keras.layers.Dense(3), (None, 2))["kernel"]
+    with pytest.raises(ValueError, match=r"dense.*kernel.*axis 2.*\(2, 3\)"):
+        projection.resolve_channel_axes([v], {"kernel": 2})
+
+
+def test_override_axes_must_be_contiguous():
+    with pytest.raises(ValueError, match="contiguous"):
+        ChannelLayout.create((2, 3, 4), (0, 2))
+
+
+def test_optimizer_reports_a_bad_override_when_built():
+    v = variables_of(keras.layers.Dense(3), (None, 2))["kernel"]
+    with pytest.raises(ValueError, match="match no variable"):
+        AdamP(channel_axes={"conv": -1}).build([v])
+
+
+def orthogonal_per_column(w, rng):
+    g = rng.standard_normal(w.shape)
+    return (g - w * (g * w).sum(0) / (w * w).sum(0)).astype("float32")
+
+
+def test_projected_update_is_orthogonal_to_each_output_channel():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((9, 4)).astype("float32")
+    g = orthogonal_per_column(w, rng)
+    u = rng.standard_normal((9, 4)).astype("float32")
+    layout = ChannelLayout.create(w.shape, -1)
+    projected, ratio = projection.project(w, g, u, layout, 0.1, 0.25, 1e-8)
+    projected = ops.convert_to_numpy(projected)
+    assert float(ratio) == pytest.approx(0.25)
+    cos = np.abs((projected * w).sum(0)) / (
+        np.linalg.norm(projected, axis=0) * np.linalg.norm(w, axis=0)
+    )
+    assert cos.max() < 1e-5
+    # Only the radial part was removed.
+    np.testing.assert_allclose(
+        projected - u, w * ((projected - u) / w).mean(0), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_layer_view_is_used_when_only_the_whole_tensor_is_orthogonal():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((9, 4)).astype("float32")
+    g = rng.standard_normal((9, 4))
+    g = (g - w * (g * w).sum() / (w * w).sum()).astype("float32")
+    layout = ChannelLayout.create(w.shape, -1)
+    assert int(projection.scale_invariance(w, g, layout, 0.1, 1e-8)) == (
+        projection.LAYER_WISE
+    )
+    projected, ratio = projection.project(w, g, g, layout, 0.1, 0.25, 1e-8)
+    projected = ops.convert_to_numpy(projected)
+    assert abs((projected * w).sum()) < 1e-5 * np.linalg.norm(projected) * np.linalg.norm(w)
+    assert np.abs((projected * w).sum(0)).max() > 1e-3  # not per channel
+    assert float(ratio) == pytest.approx(0.25)
+
+
+def test_aligned_gradient_leaves_the_update_alone():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((9, 4)).astype("float32")
+    u = rng.standard_normal((9, 4)).astype("float32")
+    layout = ChannelLayout.create(w.shape, -1)
+    projected, ratio = projection.project(w, w, u, layout, 0.1, 0.25, 1e-8)
+    np.testing.assert_array_equal(ops.convert_to_numpy(projected), u)
+    assert float(ratio) == 1.0
+
+
+def test_zero_gradient_or_zero_weight_counts_as_scale_invariant():
+    layout = ChannelLayout.create((3, 2), -1)
+    ones, zeros = np.ones((3, 2), "float32"), np.zeros((3, 2), "float32")
+    assert int(projection.scale_invariance(ones, zeros, layout, 0.1, 1e-8)) == 1
+    assert int(projection.scale_invariance(zeros, ones, layout, 0.1, 1e-8)) == 1
+
+
+def test_threshold_is_delta_over_sqrt_group_size():
+    # One channel of 4 elements: cos just below / above delta / sqrt(4).
+    w = np.array([[1.0], [0.0], [0.0], [0.0]], "float32")
+    layout = ChannelLayout.create((4, 1), -1)
+    for cos, expected in [(0.049, projection.CHANNEL_WISE), (0.051, 0)]:
+        g = np.array([[cos], [np.sqrt(1 - cos**2)], [0], [0]], "float32")
+        assert int(projection.scale_invariance(w, g, layout, 0.1, 1e-8)) == expected
