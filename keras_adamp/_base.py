@@ -29,6 +29,15 @@ def check_range(name, value, low, high=None, high_inclusive=False):
     return float(value)
 
 
+def _is_indexed_slices(x):
+    """True for a TensorFlow IndexedSlices, without importing TensorFlow.
+
+    A duck test on `.indices`/`.values` is not enough: torch tensors have
+    `indices()` and `values()` methods (for sparse tensors).
+    """
+    return type(x).__name__ == "IndexedSlices" and hasattr(x, "dense_shape")
+
+
 @dataclasses.dataclass(frozen=True)
 class _VariablePlan:
     """Static facts per variable index, decided once in `build`.
@@ -93,7 +102,7 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
     def _dense(self, gradient, variable):
         # On TensorFlow an Embedding's gradient is IndexedSlices; the cosine
         # needs it whole. scatter sums repeated indices, as IndexedSlices do.
-        if hasattr(gradient, "indices") and hasattr(gradient, "values"):
+        if _is_indexed_slices(gradient):
             gradient = ops.scatter(
                 ops.expand_dims(gradient.indices, -1),
                 gradient.values,

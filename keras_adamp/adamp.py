@@ -118,7 +118,9 @@ class AdamP(ProjectedOptimizer):
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         g = self._dense(gradient, variable)
-        t = ops.cast(self.iterations + 1, dtype)
+        # Bias corrections in float32 whatever the variable's dtype: in
+        # float16, t * log(beta) and 1 - beta**t lose the step count.
+        t = ops.cast(self.iterations + 1, "float32")
         b1, b2 = self.beta_1, self.beta_2
         m = self._momentums[index]
         v = self._velocities[index]
@@ -128,8 +130,9 @@ class AdamP(ProjectedOptimizer):
         self.assign(m, m_new)
         self.assign(v, v_new)
 
-        denom = ops.sqrt(v_new) / ops.sqrt(_one_minus_power(b2, t)) + self.epsilon
-        step_size = lr / _one_minus_power(b1, t)
+        sqrt_bc2 = ops.cast(ops.sqrt(_one_minus_power(b2, t)), dtype)
+        denom = ops.sqrt(v_new) / sqrt_bc2 + self.epsilon
+        step_size = lr / ops.cast(_one_minus_power(b1, t), dtype)
         if self.nesterov:
             u = (b1 * m_new + (1.0 - b1) * g) / denom
         else:

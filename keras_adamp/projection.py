@@ -92,7 +92,8 @@ class ChannelLayout:
         axes = _normalize_axes(channel_axes, shape)
         numel = math.prod(shape)
         if not axes:
-            return cls(shape, (), (1, numel), (0,), numel, 1)
+            # One group: a single column, summed over its rows.
+            return cls(shape, (), (numel, 1), (0,), numel, 1)
         first, last = axes[0], axes[-1]
         pre = math.prod(shape[:first])
         channels = math.prod(shape[first : last + 1])

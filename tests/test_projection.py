@@ -64,6 +64,21 @@ def test_override_of_an_empty_axis_list_is_the_layer_view():
     assert (layout.num_channels, layout.group_size) == (1, 20)
 
 
+def test_whole_tensor_group_projects_the_tensor_not_each_element():
+    # One group: the update loses only its component along w as a whole, so
+    # it stays orthogonal to w but is not zeroed element by element.
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 5)).astype("float32")
+    g = rng.standard_normal((4, 5))
+    g = (g - w * (g * w).sum() / (w * w).sum()).astype("float32")
+    u = rng.standard_normal((4, 5)).astype("float32")
+    layout = ChannelLayout.create(w.shape, [])
+    projected, _ = projection.project(w, g, u, layout, 0.1, 0.1, 1e-8)
+    projected = ops.convert_to_numpy(projected)
+    expected = u - w * (w * u).sum() / (w * w).sum()
+    np.testing.assert_allclose(projected, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_override_matching_no_variable_names_the_pattern_and_variables():
     v = variables_of(keras.layers.Dense(3), (None, 2))["kernel"]
     with pytest.raises(ValueError, match=r"'nothing'.*dense.*kernel.*\(2, 3\)"):
