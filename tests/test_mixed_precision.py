@@ -75,7 +75,7 @@ def test_mixed_precision_fit_trains_a_batchnorm_cnn(
     assert model.layers[0].kernel.dtype == "float32"  # float32 master weights
     losses = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history["loss"]
     assert np.all(np.isfinite(losses)), losses
-    assert np.all(np.diff(losses) < 0) and losses[-1] < 0.8 * losses[0], losses
+    assert np.all(np.diff(losses) < 0) and losses[-1] < 0.9 * losses[0], losses
     for w in model.get_weights():
         assert np.all(np.isfinite(w))
 

