@@ -125,7 +125,10 @@ def test_ema_with_overwrite_in_fit(optimizer_name):
             expected = (
                 weights
                 if previous is None
-                else [momentum * p + (1 - momentum) * w for p, w in zip(previous, weights)]
+                else [
+                    momentum * p + (1 - momentum) * w
+                    for p, w in zip(previous, weights)
+                ]
             )
             assert_weights_close(ema, expected, 1e-6)
         previous = ema
@@ -170,7 +173,9 @@ def test_global_clipnorm_in_fit_equals_stepping_with_clipped_gradients(
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
     w0 = [w.copy() for w in model.get_weights()]
-    model.compile(optimizer=OPTIMIZERS[optimizer_name](global_clipnorm=clip), loss="mse")
+    model.compile(
+        optimizer=OPTIMIZERS[optimizer_name](global_clipnorm=clip), loss="mse"
+    )
     model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
 
     kernel, bias = keras.Variable(w0[0]), keras.Variable(w0[1])
