@@ -1,0 +1,82 @@
+"""Bad `channel_axes` overrides are reported when the optimizer is built, that
+is when a model first trains, with a ValueError naming the variable and its
+shape, before any step is taken."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_adamp import AdamP
+from keras_adamp import SGDP
+
+
+def small_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(3, 3, name="conv"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4, name="head"),
+        ]
+    )
+
+
+def fit_once(optimizer):
+    model = small_model()
+    model.compile(optimizer=optimizer, loss="mse")
+    before = [w.copy() for w in model.get_weights()]
+    x = np.ones((4, 6, 6, 2), "float32")
+    y = np.zeros((4, 4), "float32")
+    try:
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    finally:
+        # Whatever happens, no step may have run on a half-built optimizer.
+        for a, b in zip(model.get_weights(), before):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
+def test_override_naming_no_variable_raises_naming_the_variables(cls):
+    optimizer = cls(channel_axes={"conv_transpose": -2})
+    # The message names the unmatched pattern and every candidate with its shape.
+    with pytest.raises(
+        ValueError,
+        match=r"'conv_transpose'.*match no variable.*conv/kernel' \(3, 3, 2, 3\)"
+        r".*head/kernel' \(48, 4\)",
+    ):
+        fit_once(optimizer)
+
+
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
+@pytest.mark.parametrize("axes", [4, -5, [3, 4]])
+def test_override_axis_out_of_range_raises_naming_variable_and_shape(cls, axes):
+    optimizer = cls(channel_axes={"conv/kernel": axes})
+    with pytest.raises(
+        ValueError,
+        match=r"Variable '[^']*conv/kernel'.*out of range.*\(3, 3, 2, 3\)",
+    ):
+        fit_once(optimizer)
+
+
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
+def test_override_matching_only_a_bias_is_rejected(cls):
+    # Rank-1 variables are never projected: a pattern matching only a bias
+    # would silently do nothing, so it counts as matching no variable.
+    optimizer = cls(channel_axes={"head/bias": 0})
+    with pytest.raises(ValueError, match=r"'head/bias'.*match no variable"):
+        fit_once(optimizer)
+
+
+def test_a_valid_override_trains():
+    fit_once_ok = AdamP(channel_axes={"head/kernel": [], "conv/kernel": [-1]})
+    model = small_model()
+    model.compile(optimizer=fit_once_ok, loss="mse")
+    x = np.ones((4, 6, 6, 2), "float32")
+    model.fit(x, np.zeros((4, 4), "float32"), epochs=1, verbose=0)
+    layouts = {
+        v.path.split("/", 1)[1]: fit_once_ok.channel_layout(v)
+        for v in model.trainable_variables
+    }
+    assert layouts["head/kernel"].num_channels == 1
+    assert layouts["conv/kernel"].num_channels == 3
