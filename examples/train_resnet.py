@@ -190,7 +190,9 @@ def make_pipeline(x, y, batch_size, training, seed=0):
 
     ds = x if y is None else tf.data.Dataset.from_tensor_slices((x, y))
     if training:
-        ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
+        # In-memory arrays: shuffle them all; a tfds stream of big images: 1000.
+        buffer = 10_000 if y is not None else 1_000
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
 
 
@@ -293,9 +295,11 @@ def train(args, extra_callbacks=()):
         probe = next(iter(train_ds.take(1)))
         probe = (probe[0].numpy(), probe[1].numpy())
         input_shape = probe[0].shape[1:]
-        steps = args.steps_per_epoch or 1000
+        steps = int(train_ds.cardinality())
+        if steps <= 0 and not args.steps_per_epoch:
+            raise ValueError(f"{args.dataset}: unknown size, pass --steps-per-epoch")
     if args.steps_per_epoch:
-        steps = min(steps, args.steps_per_epoch)
+        steps = min(steps, args.steps_per_epoch) if steps > 0 else args.steps_per_epoch
         train_ds = train_ds.repeat()
     print(f"strategy: {kind} ({replicas} replica(s)), global batch {global_batch}, "
           f"{steps} steps/epoch, {args.epochs} epochs, {args.optimizer}, "

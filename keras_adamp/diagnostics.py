@@ -200,6 +200,8 @@ def scale_invariance_report(
     """
     if optimizer is None:
         optimizer = getattr(model, "optimizer", None)
+    # A LossScaleOptimizer (mixed_float16) wraps the real one.
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     variables = list(model.trainable_variables)
     if gradients is None:
         gradients = compute_gradients(model, x, y, loss=loss)
