@@ -38,7 +38,8 @@ OPTIMIZER_DEFAULTS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet20",
-                   choices=["resnet20", "resnet56", "resnet50"])
+                   choices=["resnet8", "resnet20", "resnet56", "resnet50"],
+                   help="resnet8 is for quick smoke tests")
     p.add_argument("--optimizer", default="sgdp", choices=sorted(OPTIMIZER_DEFAULTS))
     p.add_argument("--learning-rate", type=float, default=None,
                    help="peak learning rate (default: the paper's, per optimizer)")

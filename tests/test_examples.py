@@ -160,6 +160,7 @@ def test_train_resnet_mirrored_over_two_logical_cpus(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, "train_resnet.py"),
          "--cpu-replicas", "2", "--strategy", "mirrored", "--dataset", "synthetic",
+         "--model", "resnet8",
          "--image-size", "8", "--epochs", "1", "--steps-per-epoch", "2",
          "--batch-size", "4", "--verbose", "0"],
         capture_output=True, text=True, timeout=300, env=os.environ, cwd=str(tmp_path),
@@ -167,6 +168,7 @@ def test_train_resnet_mirrored_over_two_logical_cpus(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "strategy: mirrored (2 replica(s)), global batch 8" in result.stdout
     assert "test accuracy:" in result.stdout
+    assert "(9 of 10 kernels flagged" in result.stdout
     norm = float(re.search(r"kernels: [0-9.]+ -> ([0-9.]+)", result.stdout).group(1))
     assert math.isfinite(norm)
 
@@ -176,7 +178,7 @@ def test_norm_growth_tiny_run(tmp_path, capsys):
     norm_growth = _load("norm_growth")
     results = norm_growth.main([
         "--out", str(tmp_path), "--optimizers", "sgd,sgdp",
-        "--dataset", "synthetic", "--image-size", "8", "--epochs", "2",
+        "--dataset", "synthetic", "--model", "resnet8", "--image-size", "8", "--epochs", "2",
         "--steps-per-epoch", "2", "--batch-size", "8",
     ])
     assert (tmp_path / "norm_growth.png").stat().st_size > 10_000
