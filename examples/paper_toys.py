@@ -4,7 +4,7 @@
 
 1. 2D (ICLR 2021 paper, Figure 1 and appendix B): maximise the cosine similarity
    between w and w* = (0, -1), from w0 = (0.001, 1). The loss is scale-invariant,
-   so its gradient is orthogonal to w and every momentum step pushes ||w`` up.
+   so its gradient is orthogonal to w and every momentum step pushes ||w|| up.
    Paper: momentum GD's maximum norm is 2.93 (momentum 0.9) and 27.87 (0.99).
 2. 3D scale-invariant Rosenbrock (paper section 3.2, Figure 3, appendix B):
    h = (1 - cψ)^2 + 300 (cφ - (cψ)^2)^2 in the spherical angles (ψ, φ) of
