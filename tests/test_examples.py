@@ -25,7 +25,13 @@ def _load(name):
 
 # ------------------------------------------------------------ paper_toys (any backend)
 
+def _needs_matplotlib():
+    # matplotlib comes with the `examples` extra; the `test` extra may lack it.
+    pytest.importorskip("matplotlib", reason="pip install '.[examples]' for the plots")
+
+
 def test_paper_toys_norms_and_plots(tmp_path, capsys):
+    _needs_matplotlib()
     toys = _load("paper_toys")
     table = toys.main(["--out", str(tmp_path), "--steps-2d", "150", "--steps-3d", "60"])
     for name in ("toy_2d.png", "toy_3d.png"):
@@ -175,6 +181,7 @@ def test_train_resnet_mirrored_over_two_logical_cpus(tmp_path):
 
 @pytest.mark.tensorflow_only
 def test_norm_growth_tiny_run(tmp_path, capsys):
+    _needs_matplotlib()
     norm_growth = _load("norm_growth")
     results = norm_growth.main([
         "--out", str(tmp_path), "--optimizers", "sgd,sgdp",
