@@ -6,9 +6,11 @@ weight norm stops growing and the effective step size stops shrinking.
 """
 
 from keras_adamp import projection
+from keras_adamp import callbacks, diagnostics
 from keras_adamp.adamp import AdamP
 from keras_adamp.sgdp import SGDP
 
 __version__ = "0.1.0"
 
 __all__ = ["AdamP", "SGDP", "projection", "__version__"]
+__all__ += ["callbacks", "diagnostics"]

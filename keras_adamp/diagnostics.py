@@ -1,0 +1,317 @@
+"""Which variables AdamP and SGDP treat as scale-invariant, and why.
+
+The optimizers decide at every step, per variable, from the gradient: a kernel
+whose gradient is (nearly) orthogonal to it is scale-invariant, and its update is
+projected per output channel or as a whole tensor. :func:`scale_invariance_report`
+runs that same test (:func:`keras_adamp.projection.scale_invariance`, with the
+optimizer's own layouts, ``delta`` and ``epsilon``) on the gradients of one batch
+and returns one row per trainable variable::
+
+    from keras_adamp import diagnostics
+
+    rows = diagnostics.scale_invariance_report(model, x_batch, y_batch)
+    print(diagnostics.format_report(rows))
+
+Works on the TensorFlow, JAX and PyTorch backends. Model state is left as it
+was: BatchNorm moving statistics updated by the forward pass are restored.
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_adamp import projection
+
+#: Decisions, as written in :attr:`VariableReport.decision`.
+CHANNEL_WISE = "channel-wise"
+LAYER_WISE = "layer-wise"
+NOT_PROJECTED = "none"
+RANK_LE_1 = "rank<=1"  # biases, normalisation scales: never projected
+NO_GRADIENT = "no gradient"
+
+_DECISIONS = {
+    projection.CHANNEL_WISE: CHANNEL_WISE,
+    projection.LAYER_WISE: LAYER_WISE,
+    projection.NOT_PROJECTED: NOT_PROJECTED,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableReport:
+    """One trainable variable's scale-invariance test.
+
+    Attributes:
+        path: The variable's path (``variable.path``).
+        shape: Its shape.
+        channel_axes: The axes grouped as one output channel (``()``: the whole
+            tensor is one group), or None for rank <= 1.
+        num_channels: Number of output-channel groups (0 for rank <= 1).
+        decision: ``"channel-wise"``, ``"layer-wise"``, ``"none"`` (the update
+            is not projected), ``"rank<=1"`` or ``"no gradient"``.
+        max_channel_cos: max over channels of |cos(g_c, w_c)| (nan if n/a).
+        channel_threshold: ``delta / sqrt(group size)``.
+        layer_cos: |cos(g, w)| of the whole tensor.
+        layer_threshold: ``delta / sqrt(numel)``.
+        norm: ||w||.
+    """
+
+    path: str
+    shape: tuple
+    channel_axes: tuple
+    num_channels: int
+    decision: str
+    max_channel_cos: float
+    channel_threshold: float
+    layer_cos: float
+    layer_threshold: float
+    norm: float
+
+    @property
+    def scale_invariant(self):
+        """True when the optimizer projects this variable's update."""
+        return self.decision in (CHANNEL_WISE, LAYER_WISE)
+
+
+def compute_gradients(model, x, y, loss=None, training=True):
+    """The gradients of ``loss(y, model(x)) + sum(model.losses)`` on one batch.
+
+    Args:
+        model: A built Keras model.
+        x, y: One batch (NumPy arrays or backend tensors).
+        loss: A loss (anything ``keras.losses.get`` accepts, or a callable
+            ``loss(y_true, y_pred)``); default: the compiled ``model.loss``.
+        training: Passed to the model call (BatchNorm in training mode by
+            default, as during ``fit``).
+
+    Returns:
+        A list with, per ``model.trainable_variables``, a backend tensor or None
+        (variable not used by the loss). Non-trainable variables (BatchNorm
+        moving statistics) are restored after the forward pass.
+    """
+    loss_fn = _loss_function(model, loss)
+    variables = list(model.trainable_variables)
+    frozen = list(model.non_trainable_variables)
+    saved = [ops.copy(v.value) for v in frozen]
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            with tf.GradientTape() as tape:
+                y_pred = model(x, training=training)
+                value = _total_loss(loss_fn(y, y_pred), model.losses)
+            grads = tape.gradient(value, [v.value for v in variables])
+        elif backend == "jax":
+            import jax
+
+            non_trainable = [v.value for v in frozen]
+
+            def loss_of(trainable):
+                y_pred, _, losses = model.stateless_call(
+                    trainable, non_trainable, x, training=training,
+                    return_losses=True,
+                )
+                return _total_loss(loss_fn(y, y_pred), losses)
+
+            grads = jax.grad(loss_of)([v.value for v in variables])
+        elif backend == "torch":
+            import torch
+
+            y_pred = model(x, training=training)
+            value = _total_loss(loss_fn(y, y_pred), model.losses)
+            grads = torch.autograd.grad(
+                value, [v.value for v in variables], allow_unused=True
+            )
+        else:
+            raise NotImplementedError(
+                f"compute_gradients supports the tensorflow, jax and torch "
+                f"backends, not {backend!r}."
+            )
+    finally:
+        for variable, value in zip(frozen, saved):
+            variable.assign(value)
+    return list(grads)
+
+
+def _total_loss(value, losses):
+    value = ops.mean(value)
+    for extra in losses:
+        value = value + ops.cast(extra, value.dtype)
+    return value
+
+
+def _loss_function(model, loss):
+    if loss is None:
+        loss = getattr(model, "loss", None)
+        if loss is None:
+            raise ValueError(
+                "Pass `loss=` or compile the model first: the scale-invariance "
+                "test needs the gradient of a loss."
+            )
+    if isinstance(loss, (str, dict)):
+        loss = keras.losses.get(loss)
+    if not callable(loss):
+        raise ValueError(f"`loss` must be callable. Received: {loss!r}")
+    return loss
+
+
+def _test_settings(optimizer):
+    delta = getattr(optimizer, "delta", 0.1)
+    eps = getattr(optimizer, "epsilon", 1e-8)
+    return float(delta), float(eps)
+
+
+def _layouts(optimizer, variables):
+    if optimizer is not None and getattr(optimizer, "built", False) and hasattr(
+        optimizer, "channel_layout"
+    ):
+        try:
+            return [optimizer.channel_layout(v) for v in variables]
+        except (KeyError, ValueError, IndexError):
+            pass  # built on other variables: fall back to the same rules
+    return projection.resolve_channel_axes(
+        variables, getattr(optimizer, "channel_axes", None)
+    )
+
+
+def scale_invariance_report(
+    model, x, y, optimizer=None, loss=None, gradients=None
+):
+    """Runs the optimizer's scale-invariance test on one batch's gradients.
+
+    Args:
+        model: A built Keras model.
+        x, y: One training batch.
+        optimizer: An ``AdamP``/``SGDP`` (default: ``model.optimizer`` if it is
+            one). Its ``delta``, ``epsilon`` and layouts (``channel_layout``,
+            hence any ``channel_axes`` override) are used; for another
+            optimizer, or None, the defaults (delta 0.1, eps 1e-8, the default
+            layout rules).
+        loss: See :func:`compute_gradients`.
+        gradients: Precomputed gradients, one per
+            ``model.trainable_variables`` (then `x`, `y` and `loss` are unused).
+
+    Returns:
+        A list of :class:`VariableReport`, in ``model.trainable_variables``
+        order.
+    """
+    if optimizer is None:
+        optimizer = getattr(model, "optimizer", None)
+    # A LossScaleOptimizer (mixed_float16) wraps the real one.
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    variables = list(model.trainable_variables)
+    if gradients is None:
+        gradients = compute_gradients(model, x, y, loss=loss)
+    if len(gradients) != len(variables):
+        raise ValueError(
+            f"Expected one gradient per trainable variable ({len(variables)}), "
+            f"received {len(gradients)}."
+        )
+    delta, eps = _test_settings(optimizer)
+    rows = []
+    for variable, gradient, layout in zip(
+        variables, gradients, _layouts(optimizer, variables)
+    ):
+        rows.append(_row(variable, gradient, layout, delta, eps))
+    return rows
+
+
+def _row(variable, gradient, layout, delta, eps):
+    shape = tuple(variable.shape)
+    w = ops.convert_to_numpy(variable.value).astype("float64")
+    norm = float(np.sqrt(np.sum(w * w)))
+    nan = float("nan")
+    if layout is None:
+        return VariableReport(
+            variable.path, shape, None, 0, RANK_LE_1, nan, nan, nan, nan, norm
+        )
+    channel_threshold = delta / math.sqrt(layout.group_size)
+    layer_threshold = delta / math.sqrt(layout.numel)
+    if gradient is None:
+        return VariableReport(
+            variable.path, shape, layout.channel_axes, layout.num_channels,
+            NO_GRADIENT, nan, channel_threshold, nan, layer_threshold, norm,
+        )
+    gradient = ops.cast(gradient, variable.dtype)
+    decision = projection.scale_invariance(
+        variable.value, gradient, layout, delta, eps
+    )
+    decision = _DECISIONS[int(ops.convert_to_numpy(decision))]
+    # The cosines, for display (float64, same clamping as the optimizer).
+    g = ops.convert_to_numpy(gradient).astype("float64").reshape(layout.view)
+    w = w.reshape(layout.view)
+    axes = layout.reduce_axes
+    gw = np.sum(g * w, axis=axes)
+    gg = np.sum(g * g, axis=axes)
+    ww = np.sum(w * w, axis=axes)
+
+    def cos(a, b, c):
+        return np.abs(a) / (np.maximum(np.sqrt(b), eps) * np.maximum(np.sqrt(c), eps))
+
+    return VariableReport(
+        variable.path, shape, layout.channel_axes, layout.num_channels,
+        decision, float(np.max(cos(gw, gg, ww))), channel_threshold,
+        float(cos(gw.sum(), gg.sum(), ww.sum())), layer_threshold, norm,
+    )
+
+
+def summarize(rows):
+    """Counts per decision, and the share of projected parameters.
+
+    Returns:
+        A dict ``{decision: number of variables}`` plus ``"projected_params"``
+        and ``"total_params"`` (element counts).
+    """
+    counts = {}
+    projected = total = 0
+    for row in rows:
+        counts[row.decision] = counts.get(row.decision, 0) + 1
+        size = math.prod(row.shape)
+        total += size
+        if row.scale_invariant:
+            projected += size
+    counts["projected_params"] = projected
+    counts["total_params"] = total
+    return counts
+
+
+def format_report(rows):
+    """The report as a fixed-width text table, with a summary line."""
+    header = ("variable", "shape", "channels", "decision", "max|cos_c|",
+              "thr_c", "|cos|", "thr", "||w||")
+    lines = []
+    for row in rows:
+        lines.append((
+            row.path,
+            "x".join(str(d) for d in row.shape) or "()",
+            "-" if row.channel_axes is None
+            else f"{row.num_channels} by {list(row.channel_axes)}",
+            row.decision,
+            _fmt(row.max_channel_cos),
+            _fmt(row.channel_threshold),
+            _fmt(row.layer_cos),
+            _fmt(row.layer_threshold),
+            _fmt(row.norm),
+        ))
+    widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(len(header))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines]
+    summary = summarize(rows)
+    share = summary["projected_params"] / max(summary["total_params"], 1)
+    out.append(
+        f"{summary.get(CHANNEL_WISE, 0)} channel-wise, "
+        f"{summary.get(LAYER_WISE, 0)} layer-wise, "
+        f"{summary.get(NOT_PROJECTED, 0)} not projected, "
+        f"{summary.get(RANK_LE_1, 0)} of rank <= 1; "
+        f"{100 * share:.1f}% of the parameters are treated as scale-invariant."
+    )
+    return "\n".join(out)
+
+
+def _fmt(value):
+    if value != value:  # nan
+        return "-"
+    return f"{value:.3g}"
