@@ -95,6 +95,10 @@ def resume(workdir):
     assert len(state) == len(saved_state), (len(state), len(saved_state))
     for loaded, saved in zip(state, saved_state):
         np.testing.assert_array_equal(loaded, saved)
+    # The compile config carries the source backend's resolved jit_compile
+    # (True from TensorFlow and JAX), which on torch means torch.compile: it
+    # works, but costs a minute here. Use this backend's own default instead.
+    net.jit_compile = keras.backend.backend() != "torch"
     x, y = data()
     net.fit(x, y, **FIT)
     save_arrays(os.path.join(workdir, "resumed.npz"), to_numpy(net.weights))
