@@ -23,23 +23,39 @@ def oracle():
     return torch, adamp
 
 
+# marker -> the one backend its tests need, and why the others can't run them.
+BACKEND_MARKERS = {
+    "tensorflow_only": (
+        "tensorflow",
+        "needs the TensorFlow backend (tf.distribute, IndexedSlices, "
+        "tf.function)",
+    ),
+    "jax_only": (
+        "jax",
+        "needs the JAX backend (jax.jit, keras.distribution over host devices)",
+    ),
+    "torch_only": (
+        "torch",
+        "needs the PyTorch backend (torch devices, eager torch training)",
+    ),
+}
+
+
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers",
-        "tensorflow_only: needs the TensorFlow backend (tf.distribute, "
-        "IndexedSlices, tf.function); skipped with a reason on JAX and torch.",
-    )
+    for marker, (_, why) in BACKEND_MARKERS.items():
+        config.addinivalue_line(
+            "markers", f"{marker}: {why}; skipped with a reason on the others."
+        )
 
 
 def pytest_collection_modifyitems(config, items):
     import keras
 
     backend = keras.backend.backend()
-    if backend == "tensorflow":
-        return
-    skip = pytest.mark.skip(
-        reason=f"TensorFlow-only feature; KERAS_BACKEND={backend}"
-    )
-    for item in items:
-        if "tensorflow_only" in item.keywords:
-            item.add_marker(skip)
+    for marker, (needed, why) in BACKEND_MARKERS.items():
+        if needed == backend:
+            continue
+        skip = pytest.mark.skip(reason=f"{why}; KERAS_BACKEND={backend}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,191 @@
+"""AdamP on each Keras backend: what only some backends have (JAX sharding,
+torch devices) and moving a trained model between backends.
+
+Anything that needs another backend, or JAX with two host devices, runs in a
+subprocess (tests/_backend_worker.py) whose KERAS_BACKEND names it. The
+cross-backend tests start from the backend this process runs, so the CI
+matrix (TensorFlow, JAX, torch runs) covers every direction once.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import _backend_worker as worker
+from keras_adamp import projection
+
+BACKENDS = ("tensorflow", "jax", "torch")
+BACKEND_MODULE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+CURRENT = keras.backend.backend()
+RTOL = 1e-5
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_backend_worker.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def require_backend(name):
+    if importlib.util.find_spec(BACKEND_MODULE[name]) is None:
+        message = f"backend {name} not installed; pip install '.[{name}]'"
+        if os.environ.get("KERAS_ADAMP_REQUIRE_ORACLE") == "1":
+            pytest.fail(f"KERAS_ADAMP_REQUIRE_ORACLE=1 (CI) but {message}")
+        pytest.skip(message)
+
+
+def run_worker(command, workdir, backend, **env):
+    require_backend(backend)
+    environment = dict(os.environ, KERAS_BACKEND=backend, **env)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [REPO, os.environ.get("PYTHONPATH")])
+    )
+    result = subprocess.run(
+        [sys.executable, WORKER, command, str(workdir)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, (
+        f"{command} on {backend} failed:\n{result.stderr[-4000:]}"
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def max_relative_error(actual, expected):
+    assert len(actual) == len(expected)
+    return max(
+        np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-30)
+        for a, e in zip(actual, expected)
+    )
+
+
+# --- a model saved on one backend resumes on another -----------------------------
+
+
+@pytest.mark.parametrize(
+    "destination", [b for b in BACKENDS if b != CURRENT], ids=lambda b: f"to_{b}"
+)
+def test_saved_model_resumes_on_another_backend_as_on_this_one(destination, tmp_path):
+    x, y = worker.data()
+    net = worker.compile_adamp(worker.model())
+    net.fit(x, y, **worker.FIT)
+    net.save(tmp_path / "model.keras")
+    state = worker.to_numpy(net.optimizer.variables)
+    worker.save_arrays(tmp_path / "state.npz", state)
+    assert any(np.any(s != 0) for s in state[1:]), "no optimizer state to carry"
+    net.fit(x, y, **worker.FIT)  # continue on this backend
+    expected = worker.to_numpy(net.weights)
+
+    facts = run_worker("resume", tmp_path, destination)
+
+    assert facts["backend"] == destination
+    assert facts["optimizer"] == "AdamP"
+    assert facts["state_arrays"] == len(state)
+    assert facts["iterations"] == int(keras.ops.convert_to_numpy(net.optimizer.iterations))
+    resumed = worker.load_arrays(tmp_path / "resumed.npz")
+    assert max_relative_error(resumed, expected) <= RTOL
+
+
+def test_resume_check_detects_lost_optimizer_state(tmp_path):
+    """Guards the test above: training on from the same weights with fresh
+    AdamP state ends measurably elsewhere than resuming with the saved one."""
+    x, y = worker.data()
+    net = worker.compile_adamp(worker.model())
+    net.fit(x, y, **worker.FIT)
+    weights = net.get_weights()
+    net.fit(x, y, **worker.FIT)
+    fresh = worker.compile_adamp(worker.model())
+    fresh.set_weights(weights)
+    fresh.fit(x, y, **worker.FIT)
+    assert max_relative_error(fresh.get_weights(), net.get_weights()) > 100 * RTOL
+
+
+# --- JAX --------------------------------------------------------------------------
+
+TWO_HOST_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+
+@pytest.mark.jax_only
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_jax_fit_with_jit_compile_traces_the_step_once(jit_compile):
+    """Under jax.jit our update_step runs once per variable, at tracing, on
+    tracers; without it, once per variable per batch on concrete arrays."""
+    import jax
+
+    x, y = worker.data()
+    net = worker.compile_adamp(worker.model(), jit_compile=jit_compile)
+    assert net.jit_compile is jit_compile
+    optimizer = net.optimizer
+    calls = []
+    update_step = optimizer.update_step
+
+    def counting_update_step(gradient, variable, learning_rate):
+        calls.append(isinstance(gradient, jax.core.Tracer))
+        return update_step(gradient, variable, learning_rate)
+
+    optimizer.update_step = counting_update_step
+    history = net.fit(x, y, **worker.FIT)
+    assert np.isfinite(history.history["loss"]).all()
+    batches = len(x) // worker.FIT["batch_size"]
+    per_step = len(net.trainable_variables)
+    if jit_compile:
+        assert len(calls) == per_step and all(calls)
+    else:
+        assert len(calls) == batches * per_step and not any(calls)
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == batches
+
+
+@pytest.mark.jax_only
+def test_jax_data_parallel_over_two_devices_equals_one_device(tmp_path):
+    facts = run_worker("data_parallel", tmp_path, "jax", **TWO_HOST_DEVICES)
+    assert facts["jax_devices"] == 2
+    # Replicated on both devices: the state really was distributed.
+    assert facts["kernel_devices"] == 2
+    assert facts["slot_devices"] == 2
+    single = worker.load_arrays(tmp_path / "single.npz")
+    parallel = worker.load_arrays(tmp_path / "parallel.npz")
+    assert max_relative_error(parallel, single) <= RTOL
+
+
+@pytest.mark.jax_only
+def test_jax_model_parallel_sharded_on_output_channels(tmp_path):
+    facts = run_worker("model_parallel", tmp_path, "jax", **TWO_HOST_DEVICES)
+    assert facts["kernel_spec"] == [None, "model"]
+    assert facts["kernel_devices"] == 2
+    assert facts["momentum_spec"] == [None, "model"]
+    expected = {
+        "channel": projection.CHANNEL_WISE,
+        "layer": projection.LAYER_WISE,
+        "none": projection.NOT_PROJECTED,
+    }
+    for branch, (sharded, plain) in facts["decisions"].items():
+        assert plain == expected[branch], branch
+        assert sharded == plain, branch
+    single = worker.load_arrays(tmp_path / "single.npz")
+    parallel = worker.load_arrays(tmp_path / "parallel.npz")
+    assert max_relative_error(parallel, single) <= RTOL
+
+
+# --- PyTorch ----------------------------------------------------------------------
+
+
+@pytest.mark.torch_only
+def test_torch_fit_keeps_optimizer_state_on_the_variables_device():
+    import torch
+
+    x, y = worker.data()
+    net = worker.compile_adamp(worker.model())
+    history = net.fit(x, y, **worker.FIT)
+    assert np.isfinite(history.history["loss"]).all()
+    optimizer = net.optimizer
+    for variable in net.trainable_variables:
+        index = optimizer._get_variable_index(variable)
+        for slot in (optimizer._momentums[index], optimizer._velocities[index]):
+            assert isinstance(slot.value, torch.Tensor)
+            assert slot.value.device == variable.value.device, variable.path
+            assert slot.dtype == variable.dtype
+    assert optimizer.iterations.value.device == net.trainable_variables[0].value.device
