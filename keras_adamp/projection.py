@@ -272,15 +272,74 @@ def _variable_path(variable):
     return path[:-2] if path.endswith(":0") else path
 
 
+# Backends whose reductions are compiled by XLA (always on JAX; on TensorFlow
+# under `jit_compile=True`, and the partial sums cost nothing without it).
+_XLA_STYLE_BACKENDS = ("tensorflow", "jax")
+# Candidate numbers of row blocks, the first that divides the rows is used.
+_BLOCKS = (4, 2)
+
+
+def _block_count(layout):
+    """How many row blocks `_channel_sums` adds elementwise before reducing
+    (1: reduce directly)."""
+    if (
+        layout.reduce_axes != (0,)
+        or layout.num_channels == 1
+        or keras.backend.backend() not in _XLA_STYLE_BACKENDS
+    ):
+        return 1
+    rows = layout.view[0]
+    return next((k for k in _BLOCKS if rows % k == 0 and rows >= 8 * k), 1)
+
+
 def _channel_sums(w, g, u, layout):
-    """Per-channel <g,w>, <g,g>, <w,w>, <w,u>, each of shape `layout.view` with
-    the reduced axes kept (size 1), in one pass."""
-    axes = layout.reduce_axes
-    gw = ops.sum(g * w, axis=axes, keepdims=True)
-    gg = ops.sum(g * g, axis=axes, keepdims=True)
-    ww = ops.sum(w * w, axis=axes, keepdims=True)
-    wu = ops.sum(w * u, axis=axes, keepdims=True)
-    return gw, gg, ww, wu
+    """Per-channel <g,w>, <g,g>, <w,w> and, if `u` is given, <w,u>, stacked into
+    one `(3 or 4, num_channels)` tensor.
+
+    Stacking keeps the small decision math to a few ops on one tensor, and the
+    layer-level sums are taken from it (a sum over its last axis) rather than
+    from the variable again: XLA folds a sum of a plain per-channel sum back
+    into a second full pass over the products.
+
+    For a tall `(pre, C)` view on XLA backends the rows are first cut into `k`
+    blocks and ``sum_i a_i * b_i`` over the blocks is computed as one
+    elementwise loop per pair with a `(pre / k, C)` output: it runs on every
+    core and materialises no full-size product. Only that `k` times smaller
+    result is then reduced (XLA on CPU reduces over rows in one thread,
+    through a library kernel that cannot fuse the product into its input, so
+    ``sum(a * b, axis=0)`` writes the product out and reads it back). Same
+    sums, added in a different order. (Stacking the pairs' block sums into
+    one loop, or more than 4 blocks, measured slower.)
+    """
+    pairs = [(g, w), (g, g), (w, w)]
+    if u is not None:
+        pairs.append((w, u))
+    k = _block_count(layout)
+    if k == 1:
+        return ops.stack(
+            [
+                ops.reshape(
+                    ops.sum(a * b, axis=layout.reduce_axes), (layout.num_channels,)
+                )
+                for a, b in pairs
+            ]
+        )
+    shape = (k, layout.view[0] // k, layout.num_channels)
+    blocks = {}
+
+    def split(x):
+        if id(x) not in blocks:
+            blocks[id(x)] = ops.reshape(x, shape)
+        return blocks[id(x)]
+
+    sums = []
+    for a, b in pairs:
+        a, b = split(a), split(b)
+        total = a[0] * b[0]
+        for i in range(1, k):
+            total = total + a[i] * b[i]
+        sums.append(ops.sum(total, axis=0))
+    return ops.stack(sums)
 
 
 def _abs_cosine(gw, gg, ww, eps):
@@ -290,15 +349,23 @@ def _abs_cosine(gw, gg, ww, eps):
     )
 
 
-def _decide(gw, gg, ww, layout, delta, eps):
-    """(channel_wise, layer_wise) booleans, and the layer-level <w,w>."""
-    channel_cos = _abs_cosine(gw, gg, ww, eps)
+def _decide(sums, layout, delta, eps):
+    """(channel_wise, layer_wise) booleans from the stacked channel sums, and
+    the layer-level sums (same rows, summed over the channels)."""
+    channel_cos = _abs_cosine(sums[0], sums[1], sums[2], eps)
     channel_wise = ops.max(channel_cos) < delta / math.sqrt(layout.group_size)
     # Layer-level sums are sums of the channel sums: no second pass.
-    layer_ww = ops.sum(ww)
-    layer_cos = _abs_cosine(ops.sum(gw), ops.sum(gg), layer_ww, eps)
+    layer = ops.sum(sums, axis=1)
+    layer_cos = _abs_cosine(layer[0], layer[1], layer[2], eps)
     layer_wise = layer_cos < delta / math.sqrt(layout.numel)
-    return channel_wise, layer_wise, layer_ww
+    return channel_wise, layer_wise, layer
+
+
+def _channel_column(x, layout):
+    """A `(num_channels,)` tensor shaped to broadcast against `layout.view`."""
+    if layout.reduce_axes == (0,):
+        return x
+    return ops.reshape(x, (layout.num_channels, 1))
 
 
 def _is_low_precision(dtype):
@@ -341,18 +408,18 @@ def project(w, g, u, layout, delta, wd_ratio, eps):
     w = _to_compute_dtype(ops.reshape(w, layout.view), dtype)
     g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
     u_view = _to_compute_dtype(ops.reshape(u, layout.view), dtype)
-    gw, gg, ww, wu = _channel_sums(w, g, u_view, layout)
-    channel_wise, layer_wise, layer_ww = _decide(gw, gg, ww, layout, delta, eps)
+    sums = _channel_sums(w, g, u_view, layout)
+    channel_wise, layer_wise, layer = _decide(sums, layout, delta, eps)
 
-    channel_coef = wu / ops.square(ops.sqrt(ww) + eps)
-    layer_coef = ops.sum(wu) / ops.square(ops.sqrt(layer_ww) + eps)
+    channel_coef = sums[3] / ops.square(ops.sqrt(sums[2]) + eps)
+    layer_coef = layer[3] / ops.square(ops.sqrt(layer[2]) + eps)
     # coef = channel_coef if channel_wise else (layer_coef if layer_wise else 0)
     coef = ops.where(
         channel_wise,
         channel_coef,
         ops.where(layer_wise, layer_coef, ops.zeros_like(layer_coef)),
     )
-    u_view = u_view - w * coef
+    u_view = u_view - w * _channel_column(coef, layout)
     # ratio = wd_ratio if projected else 1
     ratio = ops.where(
         ops.logical_or(channel_wise, layer_wise),
@@ -373,11 +440,8 @@ def scale_invariance(w, g, layout, delta, eps):
     dtype = w.dtype
     w = _to_compute_dtype(ops.reshape(w, layout.view), dtype)
     g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
-    axes = layout.reduce_axes
-    gw = ops.sum(g * w, axis=axes, keepdims=True)
-    gg = ops.sum(g * g, axis=axes, keepdims=True)
-    ww = ops.sum(w * w, axis=axes, keepdims=True)
-    channel_wise, layer_wise, _ = _decide(gw, gg, ww, layout, delta, eps)
+    sums = _channel_sums(w, g, None, layout)
+    channel_wise, layer_wise, _ = _decide(sums, layout, delta, eps)
     # CHANNEL_WISE if channel_wise else LAYER_WISE if layer_wise else NOT_PROJECTED
     return ops.where(
         channel_wise,
