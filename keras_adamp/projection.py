@@ -329,7 +329,7 @@ def _channel_sums(w, g, u, layout):
 
     def split(x):
         if id(x) not in blocks:
-            blocks[id(x)] = ops.reshape(x, shape)
+            blocks[id(x)] = ops.unstack(ops.reshape(x, shape), num=k, axis=0)
         return blocks[id(x)]
 
     sums = []
@@ -342,23 +342,28 @@ def _channel_sums(w, g, u, layout):
     return ops.stack(sums)
 
 
-def _abs_cosine(gw, gg, ww, eps):
-    # As torch.nn.functional.cosine_similarity: each norm clamped below at eps.
-    return ops.abs(gw) / (
-        ops.maximum(ops.sqrt(gg), eps) * ops.maximum(ops.sqrt(ww), eps)
-    )
-
-
 def _decide(sums, layout, delta, eps):
-    """(channel_wise, layer_wise) booleans from the stacked channel sums, and
-    the layer-level sums (same rows, summed over the channels)."""
-    channel_cos = _abs_cosine(sums[0], sums[1], sums[2], eps)
-    channel_wise = ops.max(channel_cos) < delta / math.sqrt(layout.group_size)
-    # Layer-level sums are sums of the channel sums: no second pass.
-    layer = ops.sum(sums, axis=1)
-    layer_cos = _abs_cosine(layer[0], layer[1], layer[2], eps)
-    layer_wise = layer_cos < delta / math.sqrt(layout.numel)
-    return channel_wise, layer_wise, layer
+    """The test, on the stacked channel sums `(n, C)`.
+
+    The layer-level sums are sums of the channel sums (no second pass), kept
+    as one more column, so that the cosines and the projection coefficients of
+    both views are one set of small ops on `(C + 1,)` rows.
+
+    Returns:
+        ``(channel_wise, layer_wise, cols, norm_w)``: two scalar booleans, the
+        sums with the layer column appended, and ``sqrt(<w,w>)`` per column.
+    """
+    cols = ops.concatenate([sums, ops.sum(sums, axis=1, keepdims=True)], axis=1)
+    norm_w = ops.sqrt(cols[2])
+    # |cos(g, w)| as torch.nn.functional.cosine_similarity: each norm clamped
+    # below at eps.
+    cos = ops.abs(cols[0]) / (
+        ops.maximum(ops.sqrt(cols[1]), eps) * ops.maximum(norm_w, eps)
+    )
+    channels = layout.num_channels
+    channel_wise = ops.max(cos[:channels]) < delta / math.sqrt(layout.group_size)
+    layer_wise = cos[channels] < delta / math.sqrt(layout.numel)
+    return channel_wise, layer_wise, cols, norm_w
 
 
 def _channel_column(x, layout):
@@ -409,15 +414,16 @@ def project(w, g, u, layout, delta, wd_ratio, eps):
     g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
     u_view = _to_compute_dtype(ops.reshape(u, layout.view), dtype)
     sums = _channel_sums(w, g, u_view, layout)
-    channel_wise, layer_wise, layer = _decide(sums, layout, delta, eps)
+    channel_wise, layer_wise, cols, norm_w = _decide(sums, layout, delta, eps)
 
-    channel_coef = sums[3] / ops.square(ops.sqrt(sums[2]) + eps)
-    layer_coef = layer[3] / ops.square(ops.sqrt(layer[2]) + eps)
-    # coef = channel_coef if channel_wise else (layer_coef if layer_wise else 0)
+    # <w,u> / (||w|| + eps)^2 per channel, and for the layer in the last column.
+    coefs = cols[3] / ops.square(norm_w + eps)
+    channels = layout.num_channels
+    # coef = channel coefs if channel_wise else (layer coef if layer_wise else 0)
     coef = ops.where(
         channel_wise,
-        channel_coef,
-        ops.where(layer_wise, layer_coef, ops.zeros_like(layer_coef)),
+        coefs[:channels],
+        ops.where(layer_wise, coefs[channels], ops.zeros_like(coefs[channels])),
     )
     u_view = u_view - w * _channel_column(coef, layout)
     # ratio = wd_ratio if projected else 1
@@ -441,7 +447,7 @@ def scale_invariance(w, g, layout, delta, eps):
     w = _to_compute_dtype(ops.reshape(w, layout.view), dtype)
     g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
     sums = _channel_sums(w, g, None, layout)
-    channel_wise, layer_wise, _ = _decide(sums, layout, delta, eps)
+    channel_wise, layer_wise, _, _ = _decide(sums, layout, delta, eps)
     # CHANNEL_WISE if channel_wise else LAYER_WISE if layer_wise else NOT_PROJECTED
     return ops.where(
         channel_wise,
