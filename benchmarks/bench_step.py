@@ -49,6 +49,14 @@ def parse_args(argv=None):
     )
     parser.add_argument("--no-torch", action="store_true", help="skip torch")
     parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the torch reference (default: torch's "
+        "own; 1 is steadier on cores shared with other processes, where "
+        "torch's spinning worker threads degrade badly)",
+    )
+    parser.add_argument(
         "--no-xla",
         action="store_true",
         help="TensorFlow: time only without jit_compile",
@@ -218,13 +226,15 @@ def torch_layout(shape):
     return shape
 
 
-def torch_steppers(specs, weights, grads):
+def torch_steppers(specs, weights, grads, threads=None):
     try:
         import adamp
         import torch
     except ImportError as error:
         print(f"torch reference skipped: {error}")
         return {}, None
+    if threads:
+        torch.set_num_threads(threads)
     steppers = {}
     factories = {
         "torch AdamP": lambda p: adamp.AdamP(
@@ -344,7 +354,7 @@ def main(args):
         s, slots = jax_steppers(specs, weights, grads)
         steppers.update({f"{n} [xla]": f for n, f in s.items()})
     if not args.no_torch:
-        s, info = torch_steppers(specs, weights, grads)
+        s, info = torch_steppers(specs, weights, grads, args.torch_threads)
         steppers.update(s)
         result["torch"] = info
     result["slots"] = slots
