@@ -413,6 +413,31 @@ def project(w, g, u, layout, delta, wd_ratio, eps):
     w = _to_compute_dtype(ops.reshape(w, layout.view), dtype)
     g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
     u_view = _to_compute_dtype(ops.reshape(u, layout.view), dtype)
+    coef, ratio = _coefficients(w, g, u_view, layout, delta, wd_ratio, eps)
+    u_view = u_view - w * coef
+    u = ops.cast(ops.reshape(u_view, layout.shape), dtype)
+    return u, ops.cast(ratio, dtype)
+
+
+def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
+    """What :func:`project` removes, as per-channel coefficients.
+
+    Returns:
+        ``(coef, decay_ratio)``: `coef` broadcasts against `layout.view` and
+        ``project(...)[0] == reshape(u_view - w_view * coef, shape)``; it is
+        float32 for 16-bit inputs, else of `u`'s dtype. `decay_ratio` as in
+        :func:`project`. An optimizer can then fold the projection into its
+        final update (``w * (decay + step * coef) - step * u``) and save two
+        full-size passes when ops are not fused.
+    """
+    dtype = u.dtype
+    w = _to_compute_dtype(ops.reshape(w, layout.view), dtype)
+    g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
+    u_view = _to_compute_dtype(ops.reshape(u, layout.view), dtype)
+    return _coefficients(w, g, u_view, layout, delta, wd_ratio, eps)
+
+
+def _coefficients(w, g, u_view, layout, delta, wd_ratio, eps):
     sums = _channel_sums(w, g, u_view, layout)
     channel_wise, layer_wise, cols, norm_w = _decide(sums, layout, delta, eps)
 
@@ -425,15 +450,13 @@ def project(w, g, u, layout, delta, wd_ratio, eps):
         coefs[:channels],
         ops.where(layer_wise, coefs[channels], ops.zeros_like(coefs[channels])),
     )
-    u_view = u_view - w * _channel_column(coef, layout)
     # ratio = wd_ratio if projected else 1
     ratio = ops.where(
         ops.logical_or(channel_wise, layer_wise),
         ops.cast(wd_ratio, u_view.dtype),
         ops.cast(1.0, u_view.dtype),
     )
-    u = ops.cast(ops.reshape(u_view, layout.shape), dtype)
-    return u, ops.cast(ratio, dtype)
+    return _channel_column(coef, layout), ratio
 
 
 def scale_invariance(w, g, layout, delta, eps):
