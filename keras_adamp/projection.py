@@ -272,33 +272,105 @@ def _variable_path(variable):
     return path[:-2] if path.endswith(":0") else path
 
 
+# Backends whose reductions are compiled by XLA (always on JAX; on TensorFlow
+# under `jit_compile=True`, and the partial sums cost nothing without it).
+_XLA_STYLE_BACKENDS = ("tensorflow", "jax")
+# Candidate numbers of row blocks, the first that divides the rows is used.
+_BLOCKS = (4, 2)
+
+
+def _block_count(layout):
+    """How many row blocks `_channel_sums` adds elementwise before reducing
+    (1: reduce directly)."""
+    if (
+        layout.reduce_axes != (0,)
+        or layout.num_channels == 1
+        or keras.backend.backend() not in _XLA_STYLE_BACKENDS
+    ):
+        return 1
+    rows = layout.view[0]
+    return next((k for k in _BLOCKS if rows % k == 0 and rows >= 8 * k), 1)
+
+
 def _channel_sums(w, g, u, layout):
-    """Per-channel <g,w>, <g,g>, <w,w>, <w,u>, each of shape `layout.view` with
-    the reduced axes kept (size 1), in one pass."""
-    axes = layout.reduce_axes
-    gw = ops.sum(g * w, axis=axes, keepdims=True)
-    gg = ops.sum(g * g, axis=axes, keepdims=True)
-    ww = ops.sum(w * w, axis=axes, keepdims=True)
-    wu = ops.sum(w * u, axis=axes, keepdims=True)
-    return gw, gg, ww, wu
+    """Per-channel <g,w>, <g,g>, <w,w> and, if `u` is given, <w,u>, stacked into
+    one `(3 or 4, num_channels)` tensor.
+
+    Stacking keeps the small decision math to a few ops on one tensor, and the
+    layer-level sums are taken from it (a sum over its last axis) rather than
+    from the variable again: XLA folds a sum of a plain per-channel sum back
+    into a second full pass over the products.
+
+    For a tall `(pre, C)` view on XLA backends the rows are first cut into `k`
+    blocks and ``sum_i a_i * b_i`` over the blocks is computed as one
+    elementwise loop per pair with a `(pre / k, C)` output: it runs on every
+    core and materialises no full-size product. Only that `k` times smaller
+    result is then reduced (XLA on CPU reduces over rows in one thread,
+    through a library kernel that cannot fuse the product into its input, so
+    ``sum(a * b, axis=0)`` writes the product out and reads it back). Same
+    sums, added in a different order. (Stacking the pairs' block sums into
+    one loop, or more than 4 blocks, measured slower.)
+    """
+    pairs = [(g, w), (g, g), (w, w)]
+    if u is not None:
+        pairs.append((w, u))
+    k = _block_count(layout)
+    if k == 1:
+        return ops.stack(
+            [
+                ops.reshape(
+                    ops.sum(a * b, axis=layout.reduce_axes), (layout.num_channels,)
+                )
+                for a, b in pairs
+            ]
+        )
+    shape = (k, layout.view[0] // k, layout.num_channels)
+    blocks = {}
+
+    def split(x):
+        if id(x) not in blocks:
+            blocks[id(x)] = ops.unstack(ops.reshape(x, shape), num=k, axis=0)
+        return blocks[id(x)]
+
+    sums = []
+    for a, b in pairs:
+        a, b = split(a), split(b)
+        total = a[0] * b[0]
+        for i in range(1, k):
+            total = total + a[i] * b[i]
+        sums.append(ops.sum(total, axis=0))
+    return ops.stack(sums)
 
 
-def _abs_cosine(gw, gg, ww, eps):
-    # As torch.nn.functional.cosine_similarity: each norm clamped below at eps.
-    return ops.abs(gw) / (
-        ops.maximum(ops.sqrt(gg), eps) * ops.maximum(ops.sqrt(ww), eps)
+def _decide(sums, layout, delta, eps):
+    """The test, on the stacked channel sums `(n, C)`.
+
+    The layer-level sums are sums of the channel sums (no second pass), kept
+    as one more column, so that the cosines and the projection coefficients of
+    both views are one set of small ops on `(C + 1,)` rows.
+
+    Returns:
+        ``(channel_wise, layer_wise, cols, norm_w)``: two scalar booleans, the
+        sums with the layer column appended, and ``sqrt(<w,w>)`` per column.
+    """
+    cols = ops.concatenate([sums, ops.sum(sums, axis=1, keepdims=True)], axis=1)
+    norm_w = ops.sqrt(cols[2])
+    # |cos(g, w)| as torch.nn.functional.cosine_similarity: each norm clamped
+    # below at eps.
+    cos = ops.abs(cols[0]) / (
+        ops.maximum(ops.sqrt(cols[1]), eps) * ops.maximum(norm_w, eps)
     )
+    channels = layout.num_channels
+    channel_wise = ops.max(cos[:channels]) < delta / math.sqrt(layout.group_size)
+    layer_wise = cos[channels] < delta / math.sqrt(layout.numel)
+    return channel_wise, layer_wise, cols, norm_w
 
 
-def _decide(gw, gg, ww, layout, delta, eps):
-    """(channel_wise, layer_wise) booleans, and the layer-level <w,w>."""
-    channel_cos = _abs_cosine(gw, gg, ww, eps)
-    channel_wise = ops.max(channel_cos) < delta / math.sqrt(layout.group_size)
-    # Layer-level sums are sums of the channel sums: no second pass.
-    layer_ww = ops.sum(ww)
-    layer_cos = _abs_cosine(ops.sum(gw), ops.sum(gg), layer_ww, eps)
-    layer_wise = layer_cos < delta / math.sqrt(layout.numel)
-    return channel_wise, layer_wise, layer_ww
+def _channel_column(x, layout):
+    """A `(num_channels,)` tensor shaped to broadcast against `layout.view`."""
+    if layout.reduce_axes == (0,):
+        return x
+    return ops.reshape(x, (layout.num_channels, 1))
 
 
 def _is_low_precision(dtype):
@@ -341,26 +413,50 @@ def project(w, g, u, layout, delta, wd_ratio, eps):
     w = _to_compute_dtype(ops.reshape(w, layout.view), dtype)
     g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
     u_view = _to_compute_dtype(ops.reshape(u, layout.view), dtype)
-    gw, gg, ww, wu = _channel_sums(w, g, u_view, layout)
-    channel_wise, layer_wise, layer_ww = _decide(gw, gg, ww, layout, delta, eps)
+    coef, ratio = _coefficients(w, g, u_view, layout, delta, wd_ratio, eps)
+    u_view = u_view - w * coef
+    u = ops.cast(ops.reshape(u_view, layout.shape), dtype)
+    return u, ops.cast(ratio, dtype)
 
-    channel_coef = wu / ops.square(ops.sqrt(ww) + eps)
-    layer_coef = ops.sum(wu) / ops.square(ops.sqrt(layer_ww) + eps)
-    # coef = channel_coef if channel_wise else (layer_coef if layer_wise else 0)
+
+def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
+    """What :func:`project` removes, as per-channel coefficients.
+
+    Returns:
+        ``(coef, decay_ratio)``: `coef` broadcasts against `layout.view` and
+        ``project(...)[0] == reshape(u_view - w_view * coef, shape)``; it is
+        float32 for 16-bit inputs, else of `u`'s dtype. `decay_ratio` as in
+        :func:`project`. An optimizer can then fold the projection into its
+        final update (``w * (decay + step * coef) - step * u``) and save two
+        full-size passes when ops are not fused.
+    """
+    dtype = u.dtype
+    w = _to_compute_dtype(ops.reshape(w, layout.view), dtype)
+    g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
+    u_view = _to_compute_dtype(ops.reshape(u, layout.view), dtype)
+    return _coefficients(w, g, u_view, layout, delta, wd_ratio, eps)
+
+
+def _coefficients(w, g, u_view, layout, delta, wd_ratio, eps):
+    sums = _channel_sums(w, g, u_view, layout)
+    channel_wise, layer_wise, cols, norm_w = _decide(sums, layout, delta, eps)
+
+    # <w,u> / (||w|| + eps)^2 per channel, and for the layer in the last column.
+    coefs = cols[3] / ops.square(norm_w + eps)
+    channels = layout.num_channels
+    # coef = channel coefs if channel_wise else (layer coef if layer_wise else 0)
     coef = ops.where(
         channel_wise,
-        channel_coef,
-        ops.where(layer_wise, layer_coef, ops.zeros_like(layer_coef)),
+        coefs[:channels],
+        ops.where(layer_wise, coefs[channels], ops.zeros_like(coefs[channels])),
     )
-    u_view = u_view - w * coef
     # ratio = wd_ratio if projected else 1
     ratio = ops.where(
         ops.logical_or(channel_wise, layer_wise),
         ops.cast(wd_ratio, u_view.dtype),
         ops.cast(1.0, u_view.dtype),
     )
-    u = ops.cast(ops.reshape(u_view, layout.shape), dtype)
-    return u, ops.cast(ratio, dtype)
+    return _channel_column(coef, layout), ratio
 
 
 def scale_invariance(w, g, layout, delta, eps):
@@ -373,11 +469,8 @@ def scale_invariance(w, g, layout, delta, eps):
     dtype = w.dtype
     w = _to_compute_dtype(ops.reshape(w, layout.view), dtype)
     g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
-    axes = layout.reduce_axes
-    gw = ops.sum(g * w, axis=axes, keepdims=True)
-    gg = ops.sum(g * g, axis=axes, keepdims=True)
-    ww = ops.sum(w * w, axis=axes, keepdims=True)
-    channel_wise, layer_wise, _ = _decide(gw, gg, ww, layout, delta, eps)
+    sums = _channel_sums(w, g, None, layout)
+    channel_wise, layer_wise, _, _ = _decide(sums, layout, delta, eps)
     # CHANNEL_WISE if channel_wise else LAYER_WISE if layer_wise else NOT_PROJECTED
     return ops.where(
         channel_wise,

@@ -1,0 +1,201 @@
+"""Whole training step (forward + backward + update) of a BatchNorm ResNet:
+AdamP vs AdamW and SGDP vs SGD, as ratios.
+
+ResNet-20 (CIFAR-style, 0.27 M parameters) at batch 128 on 32x32x3 inputs by
+default, the CPU setting; `--model resnet50 --batch 128` (224x224x3) is the GPU
+setting. Each optimizer trains its own copy of the same model (same initial
+weights) with `model.train_on_batch` on one fixed random batch, compiled with
+`jit_compile` on or off; configurations are timed in interleaved rounds and the
+medians and ratios are printed.
+
+    python benchmarks/bench_train.py                       # ResNet-20, batch 128
+    python benchmarks/bench_train.py --no-xla --json out.json
+    KERAS_BACKEND=jax python benchmarks/bench_train.py
+    python benchmarks/bench_train.py --model resnet50 --batch 256    # on a GPU
+
+Run from the repository root (or with keras_adamp importable).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--backend",
+        default=os.environ.get("KERAS_BACKEND", "tensorflow"),
+        choices=["tensorflow", "jax", "torch"],
+    )
+    parser.add_argument(
+        "--model", default="resnet20", choices=["resnet20", "resnet50"]
+    )
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2, help="steps per round")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--no-xla", action="store_true", help="compile with jit_compile=False"
+    )
+    parser.add_argument("--json", help="write the results to this file")
+    return parser.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None:
+    os.environ["KERAS_BACKEND"] = ARGS.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+import keras  # noqa: E402
+
+import keras_adamp  # noqa: E402
+
+
+def resnet20(num_classes=10):
+    """He et al.'s CIFAR ResNet-20: 3 stages of 3 basic blocks, 16/32/64."""
+    layers = keras.layers
+
+    def conv_bn(x, filters, strides=1, relu=True):
+        x = layers.Conv2D(
+            filters, 3, strides=strides, padding="same", use_bias=False
+        )(x)
+        x = layers.BatchNormalization()(x)
+        return layers.ReLU()(x) if relu else x
+
+    inputs = keras.Input((32, 32, 3))
+    x = conv_bn(inputs, 16)
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(3):
+            strides = 2 if stage > 0 and block == 0 else 1
+            shortcut = x
+            y = conv_bn(x, filters, strides)
+            y = conv_bn(y, filters, relu=False)
+            if strides != 1 or shortcut.shape[-1] != filters:
+                shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False)(
+                    shortcut
+                )
+                shortcut = layers.BatchNormalization()(shortcut)
+            x = layers.ReLU()(layers.Add()([y, shortcut]))
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(num_classes)(x)
+    return keras.Model(inputs, outputs, name="resnet20")
+
+
+def build_model(name):
+    if name == "resnet20":
+        return resnet20(), (32, 32, 3), 10
+    return keras.applications.ResNet50(weights=None), (224, 224, 3), 1000
+
+
+OPTIMIZERS = {
+    "AdamP": lambda: keras_adamp.AdamP(learning_rate=1e-3, weight_decay=1e-2),
+    "AdamW": lambda: keras.optimizers.AdamW(
+        learning_rate=1e-3, weight_decay=1e-2, epsilon=1e-8
+    ),
+    "SGDP": lambda: keras_adamp.SGDP(
+        learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
+    ),
+    "SGD": lambda: keras.optimizers.SGD(
+        learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
+    ),
+}
+PAIRS = (("AdamP", "AdamW"), ("SGDP", "SGD"))
+
+
+def main(args):
+    keras.utils.set_random_seed(0)
+    reference, input_shape, classes = build_model(args.model)
+    initial = reference.get_weights()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch,) + input_shape).astype("float32")
+    y = rng.integers(0, classes, size=(args.batch,))
+    jit = not args.no_xla
+    if args.backend == "torch":
+        jit = False
+    print(
+        f"{args.model}: {reference.count_params() / 1e6:.2f} M parameters, "
+        f"batch {args.batch}, backend {keras.backend.backend()}, "
+        f"jit_compile={jit}"
+    )
+    runs = {}
+    slots = {}
+    for name, factory in OPTIMIZERS.items():
+        model, _, _ = build_model(args.model)
+        model.set_weights(initial)
+        optimizer = factory()
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit,
+        )
+        t0 = time.perf_counter()
+        model.train_on_batch(x, y)
+        print(f"  first step {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        for _ in range(args.warmup):
+            model.train_on_batch(x, y)
+        n_vars = len(model.trainable_variables)
+        n_slots = sum(
+            1 for v in optimizer.variables if len(v.shape) > 0
+        )
+        slots[name] = n_slots / n_vars
+        runs[name] = model
+    times = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name, model in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                model.train_on_batch(x, y)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+        print(
+            f"  round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{n} {1e3 * t[-1]:.0f}" for n, t in times.items())
+            + " ms",
+            flush=True,
+        )
+    medians = {n: statistics.median(t) for n, t in times.items()}
+    ratios = {f"{a}/{b}": medians[a] / medians[b] for a, b in PAIRS}
+    print("\nmedian training step (ms):")
+    for n, t in medians.items():
+        print(f"  {n:<6} {1e3 * t:9.1f}")
+    print("ratios:")
+    for n, r in ratios.items():
+        print(f"  {n:<12} {r:6.3f}")
+    print(
+        "slots per trainable variable: "
+        + ", ".join(f"{n} {s:.0f}" for n, s in slots.items())
+    )
+    result = {
+        "model": args.model,
+        "batch": args.batch,
+        "backend": keras.backend.backend(),
+        "jit_compile": jit,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "median_ms": {n: 1e3 * t for n, t in medians.items()},
+        "times_ms": {n: [1e3 * x for x in t] for n, t in times.items()},
+        "ratios": ratios,
+        "slots_per_variable": slots,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "keras": keras.__version__,
+            "loadavg_end": os.getloadavg(),
+        },
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main(ARGS)
