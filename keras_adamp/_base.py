@@ -125,6 +125,33 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
             self.epsilon,
         )
 
+    def _folded_update(self, index, variable, gradient, update, lr, step,
+                       decay_scale=1.0):
+        """Assigns `variable <- decayed(variable) - step * projected(update)`
+        with the projection folded into one expression,
+
+            w * d - step * (u - w * c)  ==  w * (d + step * c) - step * u,
+
+        which saves two full-size passes where ops are not fused. Returns
+        False, assigning nothing, where the fold does not apply: variables of
+        rank <= 1 (never projected) and 16-bit variables (whose coefficients
+        are float32).
+        """
+        layout = self._plan.layouts[index]
+        if layout is None or projection._is_low_precision(variable.dtype):
+            return False
+        coef, ratio = projection.radial_coefficients(
+            variable, gradient, update, layout,
+            self.delta, self.wd_ratio, self.epsilon,
+        )
+        scale = 1.0 + step * coef
+        if self._plan.decays[index]:
+            scale = scale - lr * (self.weight_decay * decay_scale) * ratio
+        w = ops.reshape(variable, layout.view)
+        u = ops.reshape(update, layout.view)
+        self.assign(variable, ops.reshape(w * scale - step * u, layout.shape))
+        return True
+
     def _decayed(self, index, variable, lr, ratio, scale=1.0):
         """w * (1 - lr * weight_decay * ratio * scale), or w if not decayed."""
         if not self._plan.decays[index]:

@@ -3,7 +3,6 @@ import math
 import keras
 from keras import ops
 
-from keras_adamp import projection
 from keras_adamp._base import ProjectedOptimizer
 from keras_adamp._base import check_range
 from keras_adamp._docs import base_optimizer_keyword_args
@@ -139,23 +138,7 @@ class AdamP(ProjectedOptimizer):
         else:
             u = m_new / denom
 
-        layout = self._plan.layouts[index]
-        if layout is not None and not projection._is_low_precision(dtype):
-            # The projection folded into the update, two full-size passes
-            # fewer when ops are not fused:
-            # w*d - s*(u - w*c) == w*(d + s*c) - s*u.
-            coef, ratio = projection.radial_coefficients(
-                variable, g, u, layout, self.delta, self.wd_ratio, self.epsilon
-            )
-            if self._plan.decays[index]:
-                scale = 1.0 - lr * self.weight_decay * ratio + step_size * coef
-            else:
-                scale = 1.0 + step_size * coef
-            w = ops.reshape(variable, layout.view)
-            u = ops.reshape(u, layout.view)
-            self.assign(
-                variable, ops.reshape(w * scale - step_size * u, layout.shape)
-            )
+        if self._folded_update(index, variable, g, u, lr, step_size):
             return
         u, ratio = self._project(index, variable, g, u)
         w = self._decayed(index, variable, lr, ratio)

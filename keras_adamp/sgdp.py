@@ -1,7 +1,6 @@
 import keras
 from keras import ops
 
-from keras_adamp import projection
 from keras_adamp._base import ProjectedOptimizer
 from keras_adamp._base import check_range
 from keras_adamp._docs import base_optimizer_keyword_args
@@ -131,33 +130,19 @@ class SGDP(ProjectedOptimizer):
             buf_new = self.momentum * buf + (1.0 - self.dampening) * g
             u = g + self.momentum * buf_new if self.nesterov else buf_new
 
-        layout = self._plan.layouts[index]
-        if (
-            layout is not None
-            and (self.nesterov or self.momentum == 0)
-            and not projection._is_low_precision(variable.dtype)
-        ):
-            # The projected u is not stored: fold the projection into the
-            # update, two full-size passes fewer when ops are not fused:
-            # w*d - lr*(u - w*c) == w*(d + lr*c) - lr*u.
-            coef, ratio = projection.radial_coefficients(
-                variable, g, u, layout, self.delta, self.wd_ratio, self.epsilon
-            )
+        decay_scale = 1.0 / (1.0 - self.momentum)
+        # Without Nesterov the reference stores the projected u in the buffer,
+        # so only then is u needed projected; else the projection is folded.
+        if self.nesterov or self.momentum == 0:
             if self.momentum != 0:
                 self.assign(buf, buf_new)
-            scale = 1.0 + lr * coef
-            if self._plan.decays[index]:
-                wd = self.weight_decay * (1.0 / (1.0 - self.momentum))
-                scale = scale - lr * wd * ratio
-            w = ops.reshape(variable, layout.view)
-            u = ops.reshape(u, layout.view)
-            self.assign(variable, ops.reshape(w * scale - lr * u, layout.shape))
-            return
+            if self._folded_update(index, variable, g, u, lr, lr, decay_scale):
+                return
         u, ratio = self._project(index, variable, g, u)
-        if self.momentum != 0:
+        if self.momentum != 0 and not self.nesterov:
             # Without Nesterov the reference projects the buffer in place.
-            self.assign(buf, buf_new if self.nesterov else u)
-        w = self._decayed(index, variable, lr, ratio, 1.0 / (1.0 - self.momentum))
+            self.assign(buf, u)
+        w = self._decayed(index, variable, lr, ratio, decay_scale)
         self.assign(variable, w - lr * u)
 
     def get_config(self):
