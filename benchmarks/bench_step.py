@@ -21,12 +21,10 @@ Run from the repository root (or with keras_adamp importable).
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
-import time
+
+from _common import machine, select_backend, time_rounds, write_json
 
 
 def parse_args(argv=None):
@@ -72,9 +70,7 @@ def parse_args(argv=None):
 
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None:
-    os.environ["KERAS_BACKEND"] = ARGS.backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    select_backend(ARGS.backend)
 
 import numpy as np  # noqa: E402
 
@@ -283,52 +279,6 @@ def torch_steppers(specs, weights, grads, threads=None):
     return steppers, info
 
 
-def time_rounds(steppers, rounds, steps, warmup):
-    for name, run in steppers.items():
-        t0 = time.perf_counter()
-        run()  # compile
-        print(f"  first call {name}: {time.perf_counter() - t0:.2f} s", flush=True)
-        for _ in range(warmup):
-            run()
-    times = {name: [] for name in steppers}
-    for r in range(rounds):
-        for name, run in steppers.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                run()
-            times[name].append((time.perf_counter() - t0) / steps)
-        print(
-            f"  round {r + 1}/{rounds}: "
-            + ", ".join(f"{n} {1e3 * t[-1]:.1f}" for n, t in times.items())
-            + " ms",
-            flush=True,
-        )
-    return times
-
-
-def machine():
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        info["loadavg_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
-
-
 def main(args):
     specs = variable_specs(args.model)
     weights, grads = make_data(specs)
@@ -394,10 +344,7 @@ def main(args):
     print("slots (optimizer variables of a model variable's shape):")
     for n, s in (slots or {}).items():
         print(f"  {n:<6} {s['slots_per_variable']:.0f} per variable")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return result
 
 

@@ -17,12 +17,10 @@ Run from the repository root (or with keras_adamp importable).
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
-import time
+
+from _common import machine, select_backend, time_rounds, write_json
 
 
 def parse_args(argv=None):
@@ -48,9 +46,7 @@ def parse_args(argv=None):
 
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None:
-    os.environ["KERAS_BACKEND"] = ARGS.backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    select_backend(ARGS.backend)
 
 import numpy as np  # noqa: E402
 
@@ -125,7 +121,7 @@ def main(args):
         f"batch {args.batch}, backend {keras.backend.backend()}, "
         f"jit_compile={jit}"
     )
-    runs = {}
+    steppers = {}
     slots = {}
     for name, factory in OPTIMIZERS.items():
         model, _, _ = build_model(args.model)
@@ -136,30 +132,11 @@ def main(args):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=jit,
         )
-        t0 = time.perf_counter()
-        model.train_on_batch(x, y)
-        print(f"  first step {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-        for _ in range(args.warmup):
-            model.train_on_batch(x, y)
-        n_vars = len(model.trainable_variables)
-        n_slots = sum(
-            1 for v in optimizer.variables if len(v.shape) > 0
-        )
-        slots[name] = n_slots / n_vars
-        runs[name] = model
-    times = {name: [] for name in runs}
-    for r in range(args.rounds):
-        for name, model in runs.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                model.train_on_batch(x, y)
-            times[name].append((time.perf_counter() - t0) / args.steps)
-        print(
-            f"  round {r + 1}/{args.rounds}: "
-            + ", ".join(f"{n} {1e3 * t[-1]:.0f}" for n, t in times.items())
-            + " ms",
-            flush=True,
-        )
+        optimizer.build(model.trainable_variables)
+        n_slots = sum(1 for v in optimizer.variables if len(v.shape) > 0)
+        slots[name] = n_slots / len(model.trainable_variables)
+        steppers[name] = lambda model=model: model.train_on_batch(x, y)
+    times = time_rounds(steppers, args.rounds, args.steps, args.warmup)
     medians = {n: statistics.median(t) for n, t in times.items()}
     ratios = {f"{a}/{b}": medians[a] / medians[b] for a, b in PAIRS}
     print("\nmedian training step (ms):")
@@ -183,17 +160,9 @@ def main(args):
         "times_ms": {n: [1e3 * x for x in t] for n, t in times.items()},
         "ratios": ratios,
         "slots_per_variable": slots,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "keras": keras.__version__,
-            "loadavg_end": os.getloadavg(),
-        },
+        "machine": dict(machine(), loadavg_end=os.getloadavg()),
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return result
 
 

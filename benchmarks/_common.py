@@ -1,0 +1,78 @@
+"""What both benchmarks share: backend set-up before Keras is imported, the
+interleaved timing rounds, the machine description and the JSON output."""
+
+import json
+import os
+import platform
+import sys
+import time
+
+
+def select_backend(backend):
+    """Sets KERAS_BACKEND (before `import keras`) and makes the repository's
+    keras_adamp importable when run from a checkout."""
+    os.environ["KERAS_BACKEND"] = backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def time_rounds(steppers, rounds, steps, warmup):
+    """{name: [seconds per step, one per round]}.
+
+    Every stepper runs once per round, in turn, so that load from other
+    processes hits all configurations alike. The first call (compilation) and
+    `warmup` more are not timed.
+    """
+    for name, run in steppers.items():
+        t0 = time.perf_counter()
+        run()  # compile
+        print(f"  first call {name}: {time.perf_counter() - t0:.2f} s", flush=True)
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in steppers}
+    for r in range(rounds):
+        for name, run in steppers.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                run()
+            times[name].append((time.perf_counter() - t0) / steps)
+        print(
+            f"  round {r + 1}/{rounds}: "
+            + ", ".join(f"{n} {1e3 * t[-1]:.1f}" for n, t in times.items())
+            + " ms",
+            flush=True,
+        )
+    return times
+
+
+def machine():
+    """Where the figures were measured."""
+    import keras
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        info["loadavg_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def write_json(path, result):
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
