@@ -5,12 +5,31 @@ scale-invariant weights (kernels followed by BatchNorm or LayerNorm), so the
 weight norm stops growing and the effective step size stops shrinking.
 """
 
-from keras_adamp import projection
-from keras_adamp import callbacks, diagnostics
-from keras_adamp.adamp import AdamP
-from keras_adamp.sgdp import SGDP
-
 __version__ = "0.1.0"
 
-__all__ = ["AdamP", "SGDP", "projection", "__version__"]
-__all__ += ["callbacks", "diagnostics"]
+try:
+    import keras  # noqa: F401
+except ImportError as error:
+    # Keras 3 imports its backend on `import keras`; without one the error
+    # comes from deep inside Keras ("No module named 'tensorflow'").
+    raise ImportError(
+        "keras_adamp needs Keras 3 with a backend installed, and importing "
+        f"Keras failed: {error}. Install a backend, `pip install tensorflow` "
+        "(or jax, or torch; the extras keras-adamp[tensorflow], [jax], [torch] "
+        "do it), and pick it with KERAS_BACKEND=tensorflow|jax|torch."
+    ) from error
+
+from keras_adamp import callbacks  # noqa: E402
+from keras_adamp import diagnostics  # noqa: E402
+from keras_adamp import projection  # noqa: E402
+from keras_adamp.adamp import AdamP  # noqa: E402
+from keras_adamp.sgdp import SGDP  # noqa: E402
+
+__all__ = [
+    "AdamP",
+    "SGDP",
+    "callbacks",
+    "diagnostics",
+    "projection",
+    "__version__",
+]

@@ -64,3 +64,18 @@ def test_invalid_hyperparameter_raises_value_error_naming_it(cls, kwargs, name, 
 )
 def test_boundary_values_are_accepted(cls, kwargs):
     cls(**kwargs)
+
+
+def test_import_without_a_keras_backend_says_how_to_install_one():
+    # `pip install .` alone brings Keras but no backend, and `import keras`
+    # then fails deep inside Keras; ours must say what to install.
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['keras'] = None; import keras_adamp"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "pip install tensorflow" in result.stderr
+    assert "KERAS_BACKEND" in result.stderr
