@@ -219,7 +219,82 @@ def model_parallel(workdir):
     }
 
 
-COMMANDS = {f.__name__: f for f in (resume, data_parallel, model_parallel)}
+def jax_jit_traces(workdir):
+    """JAX: how often our update_step runs, and on what, in `fit` with and
+    without jit_compile. Under jax.jit it runs once per variable, at tracing,
+    on tracers; without, once per variable per batch on concrete arrays."""
+    import jax
+    import keras
+
+    assert keras.backend.backend() == "jax"
+    x, y = data()
+    facts = {"batches": len(x) // FIT["batch_size"]}
+    for jit_compile in (True, False):
+        net = compile_adamp(model(), jit_compile=jit_compile)
+        optimizer = net.optimizer
+        calls = []
+        update_step = optimizer.update_step
+
+        def counting_update_step(gradient, variable, learning_rate):
+            calls.append(isinstance(gradient, jax.core.Tracer))
+            return update_step(gradient, variable, learning_rate)
+
+        optimizer.update_step = counting_update_step
+        history = net.fit(x, y, **FIT)
+        facts[f"jit_{jit_compile}"] = {
+            "model_jit_compile": net.jit_compile,
+            "calls": len(calls),
+            "tracer_calls": sum(calls),
+            "variables": len(net.trainable_variables),
+            "iterations": int(keras.ops.convert_to_numpy(optimizer.iterations)),
+            "loss_finite": bool(np.isfinite(history.history["loss"]).all()),
+        }
+    return facts
+
+
+def torch_state_device(workdir):
+    """torch: after an eager `fit`, where each optimizer variable lives."""
+    import keras
+    import torch
+
+    assert keras.backend.backend() == "torch"
+    x, y = data()
+    net = compile_adamp(model())
+    history = net.fit(x, y, **FIT)
+    optimizer = net.optimizer
+    mismatches = []
+    slots = 0
+    for variable in net.trainable_variables:
+        index = optimizer._get_variable_index(variable)
+        for slot in (optimizer._momentums[index], optimizer._velocities[index]):
+            slots += 1
+            if not (
+                isinstance(slot.value, torch.Tensor)
+                and slot.value.device == variable.value.device
+                and slot.dtype == variable.dtype
+            ):
+                mismatches.append(f"{variable.path}: {slot.value.device}")
+    first = net.trainable_variables[0].value.device
+    return {
+        "slots": slots,
+        "variables": len(net.trainable_variables),
+        "mismatches": mismatches,
+        "iterations_on_variable_device": optimizer.iterations.value.device == first,
+        "device": str(first),
+        "loss_finite": bool(np.isfinite(history.history["loss"]).all()),
+    }
+
+
+COMMANDS = {
+    f.__name__: f
+    for f in (
+        resume,
+        data_parallel,
+        model_parallel,
+        jax_jit_traces,
+        torch_state_device,
+    )
+}
 
 if __name__ == "__main__":
     command, workdir = sys.argv[1], sys.argv[2]

@@ -30,14 +30,6 @@ BACKEND_MARKERS = {
         "needs the TensorFlow backend (tf.distribute, IndexedSlices, "
         "tf.function)",
     ),
-    "jax_only": (
-        "jax",
-        "needs the JAX backend (jax.jit, keras.distribution over host devices)",
-    ),
-    "torch_only": (
-        "torch",
-        "needs the PyTorch backend (torch devices, eager torch training)",
-    ),
 }
 
 
