@@ -240,21 +240,15 @@ def _row(variable, gradient, layout, delta, eps):
         variable.value, gradient, layout, delta, eps
     )
     decision = _DECISIONS[int(ops.convert_to_numpy(decision))]
-    # The cosines, for display (float64, same clamping as the optimizer).
-    g = ops.convert_to_numpy(gradient).astype("float64").reshape(layout.view)
-    w = w.reshape(layout.view)
-    axes = layout.reduce_axes
-    gw = np.sum(g * w, axis=axes)
-    gg = np.sum(g * g, axis=axes)
-    ww = np.sum(w * w, axis=axes)
-
-    def cos(a, b, c):
-        return np.abs(a) / (np.maximum(np.sqrt(b), eps) * np.maximum(np.sqrt(c), eps))
-
+    # The cosines the decision compared, as the optimizer computes them.
+    channel_cos, layer_cos = projection.cosines(
+        variable.value, gradient, layout, eps
+    )
     return VariableReport(
         variable.path, shape, layout.channel_axes, layout.num_channels,
-        decision, float(np.max(cos(gw, gg, ww))), channel_threshold,
-        float(cos(gw.sum(), gg.sum(), ww.sum())), layer_threshold, norm,
+        decision, float(ops.convert_to_numpy(ops.max(channel_cos))),
+        channel_threshold, float(ops.convert_to_numpy(layer_cos)),
+        layer_threshold, norm,
     )
 
 

@@ -33,6 +33,7 @@ value, so the code compiles under XLA (``jit_compile=True``, ``jax.jit``).
 """
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -279,9 +280,11 @@ _XLA_STYLE_BACKENDS = ("tensorflow", "jax")
 _BLOCKS = (4, 2)
 
 
+@functools.lru_cache(maxsize=None)
 def _block_count(layout):
     """How many row blocks `_channel_sums` adds elementwise before reducing
-    (1: reduce directly)."""
+    (1: reduce directly). A static fact of the layout (and of the process's
+    backend), cached so `update_step` does not decide it again each step."""
     if (
         layout.reduce_axes != (0,)
         or layout.num_channels == 1
@@ -353,17 +356,23 @@ def _decide(sums, layout, delta, eps):
         ``(channel_wise, layer_wise, cols, norm_w)``: two scalar booleans, the
         sums with the layer column appended, and ``sqrt(<w,w>)`` per column.
     """
-    cols = ops.concatenate([sums, ops.sum(sums, axis=1, keepdims=True)], axis=1)
-    norm_w = ops.sqrt(cols[2])
-    # |cos(g, w)| as torch.nn.functional.cosine_similarity: each norm clamped
-    # below at eps.
-    cos = ops.abs(cols[0]) / (
-        ops.maximum(ops.sqrt(cols[1]), eps) * ops.maximum(norm_w, eps)
-    )
+    cols, norm_w, cos = _columns(sums, eps)
     channels = layout.num_channels
     channel_wise = ops.max(cos[:channels]) < delta / math.sqrt(layout.group_size)
     layer_wise = cos[channels] < delta / math.sqrt(layout.numel)
     return channel_wise, layer_wise, cols, norm_w
+
+
+def _columns(sums, eps):
+    """The stacked channel sums with the layer-level column appended, ||w|| and
+    |cos(g, w)| per column (as torch.nn.functional.cosine_similarity: each
+    norm clamped below at eps)."""
+    cols = ops.concatenate([sums, ops.sum(sums, axis=1, keepdims=True)], axis=1)
+    norm_w = ops.sqrt(cols[2])
+    cos = ops.abs(cols[0]) / (
+        ops.maximum(ops.sqrt(cols[1]), eps) * ops.maximum(norm_w, eps)
+    )
+    return cols, norm_w, cos
 
 
 def _channel_column(x, layout):
@@ -377,10 +386,15 @@ def _is_low_precision(dtype):
     return keras.backend.standardize_dtype(dtype) in _LOW_PRECISION
 
 
-def _to_compute_dtype(x, dtype):
-    # Norms and cosines of 16-bit variables are computed in float32: a float16
-    # <w,w> overflows at ||w|| > 256, and bfloat16 sums lose the decision.
-    return ops.cast(x, "float32") if _is_low_precision(dtype) else x
+def _views(layout, dtype, *tensors):
+    """Each tensor reshaped to `layout.view`, in float32 if `dtype` is 16-bit.
+
+    Norms and cosines of 16-bit variables are computed in float32: a float16
+    <w,w> overflows at ||w|| > 256, and bfloat16 sums lose the decision.
+    """
+    low = _is_low_precision(dtype)
+    views = [ops.reshape(x, layout.view) for x in tensors]
+    return [ops.cast(x, "float32") if low else x for x in views]
 
 
 def project(w, g, u, layout, delta, wd_ratio, eps):
@@ -410,9 +424,7 @@ def project(w, g, u, layout, delta, wd_ratio, eps):
         a scalar, `wd_ratio` if a view passed the test else 1.
     """
     dtype = u.dtype
-    w = _to_compute_dtype(ops.reshape(w, layout.view), dtype)
-    g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
-    u_view = _to_compute_dtype(ops.reshape(u, layout.view), dtype)
+    w, g, u_view = _views(layout, dtype, w, g, u)
     coef, ratio = _coefficients(w, g, u_view, layout, delta, wd_ratio, eps)
     u_view = u_view - w * coef
     u = ops.cast(ops.reshape(u_view, layout.shape), dtype)
@@ -430,10 +442,7 @@ def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
         final update (``w * (decay + step * coef) - step * u``) and save two
         full-size passes when ops are not fused.
     """
-    dtype = u.dtype
-    w = _to_compute_dtype(ops.reshape(w, layout.view), dtype)
-    g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
-    u_view = _to_compute_dtype(ops.reshape(u, layout.view), dtype)
+    w, g, u_view = _views(layout, u.dtype, w, g, u)
     return _coefficients(w, g, u_view, layout, delta, wd_ratio, eps)
 
 
@@ -466,9 +475,7 @@ def scale_invariance(w, g, layout, delta, eps):
         An int32 scalar tensor: ``CHANNEL_WISE`` (1), ``LAYER_WISE`` (2) or
         ``NOT_PROJECTED`` (0).
     """
-    dtype = w.dtype
-    w = _to_compute_dtype(ops.reshape(w, layout.view), dtype)
-    g = _to_compute_dtype(ops.reshape(g, layout.view), dtype)
+    w, g = _views(layout, w.dtype, w, g)
     sums = _channel_sums(w, g, None, layout)
     channel_wise, layer_wise, _, _ = _decide(sums, layout, delta, eps)
     # CHANNEL_WISE if channel_wise else LAYER_WISE if layer_wise else NOT_PROJECTED
@@ -477,3 +484,16 @@ def scale_invariance(w, g, layout, delta, eps):
         CHANNEL_WISE,
         ops.where(layer_wise, LAYER_WISE, NOT_PROJECTED),
     )
+
+
+def cosines(w, g, layout, eps):
+    """The cosines the test compares with its thresholds.
+
+    Returns:
+        ``(channel_cos, layer_cos)``: |cos(g_c, w_c)| per output channel, shape
+        ``(num_channels,)``, and |cos(g, w)| of the whole tensor, computed as
+        the optimizer computes them (float32 for 16-bit variables).
+    """
+    w, g = _views(layout, w.dtype, w, g)
+    _, _, cos = _columns(_channel_sums(w, g, None, layout), eps)
+    return cos[: layout.num_channels], cos[layout.num_channels]

@@ -182,7 +182,7 @@ def cases(rng):
     yield "orthogonal_small_gradients", w, orth * 1e-4
     # cosines 5% below / above the threshold: bfloat16 sums (8-bit mantissa)
     # get the first one wrong (on TensorFlow: checked by running this test
-    # with projection._to_compute_dtype patched to the identity)
+    # with projection._views patched not to cast to float32)
     yield ("just_below_threshold", *near_threshold(256, 0.95, seed=4))
     yield ("just_above_threshold", *near_threshold(256, 1.05, seed=4))
 
