@@ -162,20 +162,27 @@ def _apply_fn(optimizer, variables):
     return step
 
 
-def tf_steppers(specs, weights, grads, jit):
-    import tensorflow as tf
-
-    steppers = {}
-    slots = {}
-    tf_grads = [tf.constant(g) for g in grads]
+def built_optimizers(specs, weights):
+    """Yields (name, optimizer, variables, slot report): each optimizer of
+    `keras_optimizers()` built on its own copy of the variables."""
     for name, factory in keras_optimizers().items():
         variables = [
             keras.Variable(w, name=n) for (n, _), w in zip(specs, weights)
         ]
         optimizer = factory()
         optimizer.build(variables)
-        slots[name] = slot_report(optimizer, variables)
+        yield name, optimizer, variables, slot_report(optimizer, variables)
 
+
+def tf_steppers(specs, weights, grads, jit):
+    import tensorflow as tf
+
+    steppers = {}
+    slots = {}
+    tf_grads = [tf.constant(g) for g in grads]
+    for name, optimizer, variables, slots[name] in built_optimizers(
+        specs, weights
+    ):
         fn = tf.function(_apply_fn(optimizer, variables), jit_compile=jit)
 
         def run(fn=fn):
@@ -191,13 +198,9 @@ def jax_steppers(specs, weights, grads):
     steppers = {}
     slots = {}
     jax_grads = [jax.numpy.asarray(g) for g in grads]
-    for name, factory in keras_optimizers().items():
-        variables = [
-            keras.Variable(w, name=n) for (n, _), w in zip(specs, weights)
-        ]
-        optimizer = factory()
-        optimizer.build(variables)
-        slots[name] = slot_report(optimizer, variables)
+    for name, optimizer, variables, slots[name] in built_optimizers(
+        specs, weights
+    ):
         state = {
             "train": [v.value for v in variables],
             "opt": [v.value for v in optimizer.variables],

@@ -114,21 +114,28 @@ def _devices_of(variable):
     return len(variable.value.sharding.device_set)
 
 
-def data_parallel(workdir):
-    """JAX: the same training on one device and with DataParallel over two
-    host devices (XLA_FLAGS=--xla_force_host_platform_device_count=2)."""
-    import jax
+def _two_devices_and_one_device_run():
+    """JAX's two host devices, the data, and the one-device reference run:
+    (devices, x, y, trained model, its initial weights)."""
     import keras
 
     assert keras.backend.backend() == "jax"
     devices = keras.distribution.list_devices("cpu")
     assert len(devices) == 2, devices
     x, y = data()
-
     single = compile_adamp(model())
     initial = single.get_weights()
     single.fit(x, y, **FIT)
+    return devices, x, y, single, initial
 
+
+def data_parallel(workdir):
+    """JAX: the same training on one device and with DataParallel over two
+    host devices (XLA_FLAGS=--xla_force_host_platform_device_count=2)."""
+    import jax
+    import keras
+
+    devices, x, y, single, initial = _two_devices_and_one_device_run()
     distribution = keras.distribution.DataParallel(devices=devices)
     with distribution.scope():
         parallel = compile_adamp(model())
@@ -155,15 +162,7 @@ def model_parallel(workdir):
 
     from keras_adamp import projection
 
-    assert keras.backend.backend() == "jax"
-    devices = keras.distribution.list_devices("cpu")
-    assert len(devices) == 2, devices
-    x, y = data()
-
-    single = compile_adamp(model())
-    initial = single.get_weights()
-    single.fit(x, y, **FIT)
-
+    devices, x, y, single, initial = _two_devices_and_one_device_run()
     mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
     layout_map = keras.distribution.LayoutMap(mesh)
     layout_map[".*hidden/kernel"] = (None, "model")  # (in, out): shard `out`

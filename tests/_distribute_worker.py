@@ -20,6 +20,7 @@ tf.config.set_logical_device_configuration(
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _data import digits  # noqa: E402
 from keras_adamp import AdamP  # noqa: E402
 from keras_adamp import SGDP  # noqa: E402
 
@@ -33,12 +34,7 @@ OPTIMIZERS = {
 
 
 def data():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.data / 16.0).astype("float32")[:256]
-    y = digits.target.astype("int32")[:256]
-    return x, y
+    return digits(256, flat=True)
 
 
 def build_model():

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from _data import digits
 from keras_adamp import AdamP
 from keras_adamp import SGDP
 
@@ -18,10 +19,7 @@ OPTIMIZERS = {
 
 
 def data(n=128):
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return (digits.data[:n] / 16.0).astype("float32"), digits.target[:n]
+    return digits(n, flat=True)
 
 
 def layernorm_model():

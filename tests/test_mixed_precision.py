@@ -7,6 +7,8 @@ import keras
 import numpy as np
 import pytest
 
+from _data import conv_bn_model
+from _data import digits
 from keras_adamp import AdamP
 from keras_adamp import SGDP
 from keras_adamp import projection
@@ -29,31 +31,6 @@ def policy():
         keras.config.set_dtype_policy(previous)
 
 
-def bn_cnn():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(8, 3, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(),
-            keras.layers.ReLU(),
-            keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(),
-            keras.layers.ReLU(),
-            keras.layers.GlobalAveragePooling2D(),
-            # float32 logits, as the mixed-precision guide recommends
-            keras.layers.Dense(10, dtype="float32"),
-        ]
-    )
-
-
-def digits(n):
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    return (data.images[:n] / 16.0).astype("float32")[..., None], data.target[:n]
-
-
 @pytest.mark.parametrize("policy_name", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
 def test_mixed_precision_fit_trains_a_batchnorm_cnn(
@@ -61,7 +38,7 @@ def test_mixed_precision_fit_trains_a_batchnorm_cnn(
 ):
     policy(policy_name)
     x, y = digits(512)
-    model = bn_cnn()
+    model = conv_bn_model(logits_dtype="float32")
     model.compile(
         optimizer=OPTIMIZERS[optimizer_name](),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

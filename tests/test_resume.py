@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from _data import digits
 import keras_adamp  # noqa: F401  (registers the classes for load_model)
 from keras_adamp import AdamP
 from keras_adamp import SGDP
@@ -23,12 +24,7 @@ FIT = dict(batch_size=32, shuffle=False, verbose=0)
 
 
 def data():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return (digits.images[:128] / 16.0).astype("float32")[..., None], digits.target[
-        :128
-    ]
+    return digits(128)
 
 
 def compiled(optimizer_name):

@@ -10,6 +10,8 @@ import keras
 import numpy as np
 import pytest
 
+from _data import conv_bn_model
+from _data import digits
 from keras_adamp import AdamP
 from keras_adamp import SGDP
 
@@ -19,33 +21,6 @@ OPTIMIZERS = {
         learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4
     ),
 }
-
-
-def digits(n=None):
-    """scikit-learn's 8x8 digits (ships with the package: no download)."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = (data.images / 16.0).astype("float32")[..., None]
-    y = data.target.astype("int32")
-    return (x[:n], y[:n]) if n else (x, y)
-
-
-def conv_bn_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(8, 3, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(),
-            keras.layers.ReLU(),
-            keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(),
-            keras.layers.ReLU(),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(10),
-        ]
-    )
 
 
 def compiled(optimizer_name, jit_compile=False, seed=0):

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from _data import digits
 from keras_adamp import AdamP
 from keras_adamp import SGDP
 
@@ -56,13 +57,6 @@ def resnet_block_model():
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(10)(x)
     return keras.Model(inputs, outputs)
-
-
-def digits(n):
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    return (data.images[:n] / 16.0).astype("float32")[..., None], data.target[:n]
 
 
 def train(optimizer, jit_compile, x, y):
