@@ -48,6 +48,7 @@ class _VariablePlan:
 
     layouts: tuple  # projection.ChannelLayout, or None for rank <= 1
     decays: tuple  # bool: weight decay applies (exclude_from_weight_decay)
+    folds: tuple  # bool: the projection can be folded into the final update
 
 
 class ProjectedOptimizer(keras.optimizers.Optimizer):
@@ -80,13 +81,20 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
+        layouts = tuple(
+            projection.resolve_channel_axes(var_list, self.channel_axes)
+        )
         self._plan = _VariablePlan(
-            layouts=tuple(
-                projection.resolve_channel_axes(var_list, self.channel_axes)
-            ),
+            layouts=layouts,
             decays=tuple(
                 self.weight_decay > 0 and self._use_weight_decay(v)
                 for v in var_list
+            ),
+            # Not for rank <= 1 (never projected) nor 16-bit variables (their
+            # coefficients are float32; 1 + step * coef would round in 16 bits).
+            folds=tuple(
+                layout is not None and not projection._is_low_precision(v.dtype)
+                for layout, v in zip(layouts, var_list)
             ),
         )
 
@@ -137,9 +145,9 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
         rank <= 1 (never projected) and 16-bit variables (whose coefficients
         are float32).
         """
-        layout = self._plan.layouts[index]
-        if layout is None or projection._is_low_precision(variable.dtype):
+        if not self._plan.folds[index]:
             return False
+        layout = self._plan.layouts[index]
         coef, ratio = projection.radial_coefficients(
             variable, gradient, update, layout,
             self.delta, self.wd_ratio, self.epsilon,
