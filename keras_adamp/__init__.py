@@ -21,6 +21,7 @@ except ImportError as error:
 
 from keras_adamp import callbacks  # noqa: E402
 from keras_adamp import diagnostics  # noqa: E402
+from keras_adamp import layouts  # noqa: E402
 from keras_adamp import projection  # noqa: E402
 from keras_adamp.adamp import AdamP  # noqa: E402
 from keras_adamp.sgdp import SGDP  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "SGDP",
     "callbacks",
     "diagnostics",
+    "layouts",
     "projection",
     "__version__",
 ]

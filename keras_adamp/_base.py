@@ -8,6 +8,7 @@ import numbers
 import keras
 from keras import ops
 
+from keras_adamp import layouts
 from keras_adamp import projection
 
 
@@ -29,6 +30,12 @@ def check_range(name, value, low, high=None, high_inclusive=False):
     return float(value)
 
 
+def unique_name(prefix):
+    """`prefix`, then `prefix_1`, `prefix_2`... (reset by `clear_session`)."""
+    uid = keras.backend.get_uid(prefix)
+    return prefix if uid == 1 else f"{prefix}_{uid - 1}"
+
+
 def _is_indexed_slices(x):
     """True for a TensorFlow IndexedSlices, without importing TensorFlow.
 
@@ -46,8 +53,7 @@ class _VariablePlan:
     path, so everything that depends on the path is decided here.
     """
 
-    layouts: tuple  # projection.ChannelLayout, or None for rank <= 1
-    decays: tuple  # bool: weight decay applies (exclude_from_weight_decay)
+    layouts: tuple  # layouts.ChannelLayout, or None for rank <= 1
     folds: tuple  # bool: the projection can be folded into the final update
 
 
@@ -62,39 +68,44 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
         delta,
         wd_ratio,
         channel_axes,
+        name=None,
         **kwargs,
     ):
+        if name is None:
+            # Unique per process, as Keras's own optimizers ("adam",
+            # "adam_1"): TensorBoard and the LR callbacks log
+            # `learning_rate_{name}`, so two AdamP must not share a name.
+            name = unique_name(type(self).__name__.lower())
         if isinstance(learning_rate, numbers.Real):
             learning_rate = check_range("learning_rate", learning_rate, 0.0)
         weight_decay = check_range(
             "weight_decay", 0.0 if weight_decay is None else weight_decay, 0.0
         )
         super().__init__(
-            learning_rate=learning_rate, weight_decay=weight_decay, **kwargs
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            name=name,
+            **kwargs,
         )
         self.epsilon = check_range("epsilon", epsilon, 0.0)
         self.delta = check_range("delta", delta, 0.0)
         self.wd_ratio = check_range("wd_ratio", wd_ratio, 0.0, 1.0, True)
-        self.channel_axes = projection.validate_channel_axes(channel_axes)
+        self.channel_axes = layouts.validate_channel_axes(channel_axes)
 
     def build(self, var_list):
         if self.built:
             return
         super().build(var_list)
-        layouts = tuple(
-            projection.resolve_channel_axes(var_list, self.channel_axes)
+        resolved = tuple(
+            layouts.resolve_channel_axes(var_list, self.channel_axes)
         )
         self._plan = _VariablePlan(
-            layouts=layouts,
-            decays=tuple(
-                self.weight_decay > 0 and self._use_weight_decay(v)
-                for v in var_list
-            ),
+            layouts=resolved,
             # Not for rank <= 1 (never projected) nor 16-bit variables (their
             # coefficients are float32; 1 + step * coef would round in 16 bits).
             folds=tuple(
                 layout is not None and not projection._is_low_precision(v.dtype)
-                for layout, v in zip(layouts, var_list)
+                for layout, v in zip(resolved, var_list)
             ),
         )
 
@@ -103,19 +114,31 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
         # projection fired (wd_ratio) for that variable at that step.
         return
 
+    def _decays(self, variable):
+        """Whether `variable` is decayed, read at each step as Keras does (a
+        `weight_decay` or `exclude_from_weight_decay` set after `build` is
+        honoured from the next traced step on)."""
+        return bool(self.weight_decay) and self._use_weight_decay(variable)
+
     def channel_layout(self, variable):
-        """The `projection.ChannelLayout` used for `variable` (None: rank <= 1)."""
+        """The `layouts.ChannelLayout` used for `variable` (None: rank <= 1)."""
         return self._plan.layouts[self._get_variable_index(variable)]
 
     def _dense(self, gradient, variable):
-        # On TensorFlow an Embedding's gradient is IndexedSlices; the cosine
-        # needs it whole. scatter sums repeated indices, as IndexedSlices do.
+        # The cosine needs the whole gradient. On TensorFlow an Embedding's
+        # gradient is IndexedSlices: scatter sums repeated indices, as
+        # IndexedSlices do. Other sparse gradients (tf.SparseTensor, JAX's
+        # BCOO, torch sparse tensors) are densified by the backend.
         if _is_indexed_slices(gradient):
             gradient = ops.scatter(
                 ops.expand_dims(gradient.indices, -1),
                 gradient.values,
                 tuple(variable.shape),
             )
+        elif getattr(gradient, "is_sparse", False) is True:
+            gradient = gradient.to_dense()  # torch
+        else:
+            gradient = ops.convert_to_tensor(gradient, sparse=False)
         return ops.cast(gradient, variable.dtype)
 
     def _project(self, index, variable, gradient, update):
@@ -153,7 +176,7 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
             self.delta, self.wd_ratio, self.epsilon,
         )
         scale = 1.0 + step * coef
-        if self._plan.decays[index]:
+        if self._decays(variable):
             scale = scale - lr * (self.weight_decay * decay_scale) * ratio
         w = ops.reshape(variable, layout.view)
         u = ops.reshape(update, layout.view)
@@ -162,7 +185,7 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
 
     def _decayed(self, index, variable, lr, ratio, scale=1.0):
         """w * (1 - lr * weight_decay * ratio * scale), or w if not decayed."""
-        if not self._plan.decays[index]:
+        if not self._decays(variable):
             return variable
         return variable * (1.0 - lr * (self.weight_decay * scale) * ratio)
 

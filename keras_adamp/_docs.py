@@ -22,4 +22,7 @@ base_optimizer_keyword_args = """clipnorm: Float. If set, the gradient of each w
         gradient_accumulation_steps: Int or `None`. If an int, the model and
             optimizer variables are updated every `gradient_accumulation_steps`
             steps with the average of the gradients since the last update.
-        name: String. The name to use for the optimizer's variables."""
+        name: String or `None`. The name of the optimizer, used for its
+            variables and in logged metric names (`learning_rate_{name}`).
+            Defaults to `None`: the lower-case class name, made unique in the
+            process (`adamp`, `adamp_1`, ...) as Keras names its own."""

@@ -79,7 +79,7 @@ class AdamP(ProjectedOptimizer):
         ema_overwrite_frequency=None,
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
-        name="adamp",
+        name=None,
         **kwargs,
     ):
         super().__init__(

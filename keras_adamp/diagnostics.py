@@ -23,6 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_adamp import layouts
 from keras_adamp import projection
 
 #: Decisions, as written in :attr:`VariableReport.decision`.
@@ -172,7 +173,7 @@ def _layouts(optimizer, variables):
             return [optimizer.channel_layout(v) for v in variables]
         except (KeyError, ValueError, IndexError):
             pass  # built on other variables: fall back to the same rules
-    return projection.resolve_channel_axes(
+    return layouts.resolve_channel_axes(
         variables, getattr(optimizer, "channel_axes", None)
     )
 

@@ -17,14 +17,11 @@ per output channel (every channel must pass, each against
 ``delta / sqrt(group size)``), then on the whole tensor (against
 ``delta / sqrt(numel)``); the first view that passes is projected.
 
-Everything here is a pure function of tensors and static shape facts:
+Everything here is a pure function of tensors and static shape facts. Which
+axes of a variable are its output channels, and the view that makes each
+per-channel sum one reduction, is :mod:`keras_adamp.layouts`'s business
+(:class:`~keras_adamp.layouts.ChannelLayout`); this module is the math:
 
-* :func:`default_channel_axes` and :func:`resolve_channel_axes` decide which axes
-  of a Keras variable index its output channels (Keras layouts differ from
-  PyTorch's: a Dense or Conv kernel has its output channel last).
-* :class:`ChannelLayout` turns that into a 2-D or 3-D view of the variable in
-  which each output channel is one column, so that every per-channel sum is a
-  single reduction.
 * :func:`project` applies the test and the projection in one pass over ``w``,
   ``g`` and ``u``; :func:`scale_invariance` reports the decision alone.
 
@@ -32,13 +29,17 @@ The decision is made on device with ``ops.where``: no Python branch on a tensor
 value, so the code compiles under XLA (``jit_compile=True``, ``jax.jit``).
 """
 
-import dataclasses
 import functools
 import math
-import re
 
 import keras
 from keras import ops
+
+# The layout names lived here before keras_adamp.layouts; kept importable.
+from keras_adamp.layouts import ChannelLayout  # noqa: F401
+from keras_adamp.layouts import default_channel_axes  # noqa: F401
+from keras_adamp.layouts import resolve_channel_axes  # noqa: F401
+from keras_adamp.layouts import validate_channel_axes  # noqa: F401
 
 # What `scale_invariance` returns: which view of the variable passed the test.
 NOT_PROJECTED = 0
@@ -46,231 +47,6 @@ CHANNEL_WISE = 1
 LAYER_WISE = 2
 
 _LOW_PRECISION = ("float16", "bfloat16")
-
-
-@dataclasses.dataclass(frozen=True)
-class ChannelLayout:
-    """How a variable of a given shape is grouped into output channels.
-
-    The variable is viewed as ``view``: the output-channel axes (contiguous in the
-    variable) are merged into one axis of size ``num_channels``; the axes before
-    and after them are merged too and summed over (``reduce_axes``). Reshaping is
-    free, and a reduction over one merged axis is cheaper than over several.
-
-    Attributes:
-        shape: The variable's shape.
-        channel_axes: Non-negative, sorted, contiguous axes of the variable that
-            index its output channels. Empty means the whole tensor is one group.
-        view: The shape the variable is reshaped to.
-        reduce_axes: The axes of ``view`` summed within one output channel.
-        group_size: Number of elements in one output channel.
-        num_channels: Number of output channels.
-    """
-
-    shape: tuple
-    channel_axes: tuple
-    view: tuple
-    reduce_axes: tuple
-    group_size: int
-    num_channels: int
-
-    @classmethod
-    def create(cls, shape, channel_axes):
-        """Builds the layout of a variable of `shape` grouped by `channel_axes`.
-
-        Args:
-            shape: The variable's static shape (a tuple of ints).
-            channel_axes: The axes that index an output channel: an int, a
-                sequence of contiguous ints (negative ones count from the end),
-                or an empty sequence for a single group (the whole tensor).
-
-        Raises:
-            ValueError: if an axis is out of range, repeated, or the axes are not
-                contiguous.
-        """
-        shape = tuple(int(d) for d in shape)
-        ndim = len(shape)
-        axes = _normalize_axes(channel_axes, shape)
-        numel = math.prod(shape)
-        if not axes:
-            # One group: a single column, summed over its rows.
-            return cls(shape, (), (numel, 1), (0,), numel, 1)
-        first, last = axes[0], axes[-1]
-        pre = math.prod(shape[:first])
-        channels = math.prod(shape[first : last + 1])
-        post = math.prod(shape[last + 1 : ndim])
-        if post == 1:
-            view, reduce_axes = (pre, channels), (0,)
-        elif pre == 1:
-            view, reduce_axes = (channels, post), (1,)
-        else:
-            view, reduce_axes = (pre, channels, post), (0, 2)
-        return cls(shape, axes, view, reduce_axes, pre * post, channels)
-
-    @property
-    def numel(self):
-        return self.group_size * self.num_channels
-
-
-def _normalize_axes(channel_axes, shape):
-    ndim = len(shape)
-    if isinstance(channel_axes, int):
-        channel_axes = (channel_axes,)
-    axes = []
-    for axis in channel_axes:
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(
-                f"Channel axes must be integers. Received: {channel_axes!r} "
-                f"for a variable of shape {shape}."
-            )
-        if not -ndim <= axis < ndim:
-            raise ValueError(
-                f"Channel axis {axis} is out of range for a variable of shape "
-                f"{shape} (rank {ndim})."
-            )
-        axes.append(axis % ndim)
-    axes = sorted(axes)
-    if len(set(axes)) != len(axes):
-        raise ValueError(
-            f"Channel axes {tuple(channel_axes)} repeat an axis of a variable of "
-            f"shape {shape}."
-        )
-    if axes and axes != list(range(axes[0], axes[-1] + 1)):
-        raise ValueError(
-            f"Channel axes {tuple(channel_axes)} must be contiguous for a "
-            f"variable of shape {shape}."
-        )
-    return tuple(axes)
-
-
-def default_channel_axes(shape, name=None):
-    """The output-channel axes of a Keras variable, from static facts alone.
-
-    The rules, for Keras's own layers:
-
-    * ``Dense`` ``(in, out)`` and ``Conv1D/2D/3D`` ``(*kernel, in, out)``: the
-      last axis.
-    * Depthwise kernels ``(*kernel, C, M)`` (``DepthwiseConv1D/2D``, the
-      ``depthwise_kernel`` of ``SeparableConv1D/2D``): the last two axes, C * M
-      output channels. Recognised by the variable name ``depthwise_kernel``, or,
-      for ``DepthwiseConv*`` (whose kernel is just ``kernel``), by a last axis of
-      size 1 (depth multiplier 1, the MobileNet case) on a rank >= 3 kernel.
-    * ``Embedding`` ``(vocab, dim)`` (variable name ``embeddings``): the rows,
-      axis 0, since a LayerNorm after it normalises each token's vector.
-
-    Args:
-        shape: The variable's shape.
-        name: The variable's own name (the last part of its path), or None.
-
-    Returns:
-        A tuple of axes, or None for a variable of rank <= 1 (never projected).
-    """
-    ndim = len(shape)
-    if ndim <= 1:
-        return None
-    if name == "embeddings" and ndim == 2:
-        return (0,)
-    if name == "depthwise_kernel" or (ndim >= 3 and shape[-1] == 1):
-        return (ndim - 2, ndim - 1)
-    return (ndim - 1,)
-
-
-def validate_channel_axes(channel_axes):
-    """Checks a user's ``channel_axes`` override before any variable is seen.
-
-    Returns it as a plain dict of ``{pattern: tuple of ints}``, the form stored
-    in the optimizer's config.
-    """
-    if channel_axes is None:
-        return None
-    if not isinstance(channel_axes, dict):
-        raise ValueError(
-            "`channel_axes` must be a dict mapping a variable-path pattern to "
-            f"the axes of its output channels. Received: {channel_axes!r}"
-        )
-    clean = {}
-    for pattern, axes in channel_axes.items():
-        if not isinstance(pattern, str):
-            raise ValueError(
-                "`channel_axes` keys must be strings (regular expressions "
-                f"searched in variable paths). Received: {pattern!r}"
-            )
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(
-                f"`channel_axes` key {pattern!r} is not a valid regular "
-                f"expression: {error}"
-            ) from None
-        if isinstance(axes, int) and not isinstance(axes, bool):
-            axes = (axes,)
-        if not isinstance(axes, (list, tuple)) or any(
-            isinstance(a, bool) or not isinstance(a, int) for a in axes
-        ):
-            raise ValueError(
-                f"`channel_axes[{pattern!r}]` must be an int or a list of ints. "
-                f"Received: {axes!r}"
-            )
-        clean[pattern] = tuple(axes)
-    return clean
-
-
-def resolve_channel_axes(variables, channel_axes=None):
-    """The layout of each variable: the override if a pattern matches, else
-    :func:`default_channel_axes`.
-
-    Args:
-        variables: The variables the optimizer is built on.
-        channel_axes: ``{pattern: axes}``; a pattern is a regular expression
-            searched (``re.search``) in the variable's path, the first matching
-            pattern wins.
-
-    Returns:
-        A list with, per variable, a :class:`ChannelLayout` or None (rank <= 1:
-        never projected).
-
-    Raises:
-        ValueError: if a pattern matches no variable of rank >= 2, or its axes
-            do not fit a variable it matches (the message names both).
-    """
-    channel_axes = channel_axes or {}
-    used = set()
-    layouts = []
-    for variable in variables:
-        shape = tuple(variable.shape)
-        path = _variable_path(variable)
-        if len(shape) <= 1:
-            layouts.append(None)
-            continue
-        axes = None
-        for pattern, pattern_axes in channel_axes.items():
-            if re.search(pattern, path):
-                axes = pattern_axes
-                used.add(pattern)
-                break
-        if axes is None:
-            axes = default_channel_axes(shape, path.split("/")[-1])
-        try:
-            layouts.append(ChannelLayout.create(shape, axes))
-        except ValueError as error:
-            raise ValueError(f"Variable '{path}': {error}") from None
-    unused = [p for p in channel_axes if p not in used]
-    if unused:
-        known = ", ".join(
-            f"'{_variable_path(v)}' {tuple(v.shape)}"
-            for v in variables
-            if len(v.shape) > 1
-        )
-        raise ValueError(
-            f"`channel_axes` pattern(s) {unused} match no variable of rank >= 2. "
-            f"Variables: {known or 'none'}."
-        )
-    return layouts
-
-
-def _variable_path(variable):
-    path = getattr(variable, "path", None) or variable.name
-    return path[:-2] if path.endswith(":0") else path
 
 
 # Backends whose reductions are compiled by XLA (always on JAX; on TensorFlow
@@ -319,14 +95,7 @@ def _channel_sums(w, g, u, layout):
         pairs.append((w, u))
     k = _block_count(layout)
     if k == 1:
-        return ops.stack(
-            [
-                ops.reshape(
-                    ops.sum(a * b, axis=layout.reduce_axes), (layout.num_channels,)
-                )
-                for a, b in pairs
-            ]
-        )
+        return ops.stack([layout.group_sum(a * b) for a, b in pairs])
     shape = (k, layout.view[0] // k, layout.num_channels)
     blocks = {}
 
@@ -373,13 +142,6 @@ def _columns(sums, eps):
         ops.maximum(ops.sqrt(cols[1]), eps) * ops.maximum(norm_w, eps)
     )
     return cols, norm_w, cos
-
-
-def _channel_column(x, layout):
-    """A `(num_channels,)` tensor shaped to broadcast against `layout.view`."""
-    if layout.reduce_axes == (0,):
-        return x
-    return ops.reshape(x, (layout.num_channels, 1))
 
 
 def _is_low_precision(dtype):
@@ -465,7 +227,7 @@ def _coefficients(w, g, u_view, layout, delta, wd_ratio, eps):
         ops.cast(wd_ratio, u_view.dtype),
         ops.cast(1.0, u_view.dtype),
     )
-    return _channel_column(coef, layout), ratio
+    return layout.per_element(coef), ratio
 
 
 def scale_invariance(w, g, layout, delta, eps):

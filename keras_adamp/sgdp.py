@@ -75,7 +75,7 @@ class SGDP(ProjectedOptimizer):
         ema_overwrite_frequency=None,
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
-        name="sgdp",
+        name=None,
         **kwargs,
     ):
         super().__init__(

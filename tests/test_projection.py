@@ -91,9 +91,25 @@ def test_override_axis_out_of_range_names_the_variable_and_shape():
         projection.resolve_channel_axes([v], {"kernel": 2})
 
 
-def test_override_axes_must_be_contiguous():
-    with pytest.raises(ValueError, match="contiguous"):
-        ChannelLayout.create((2, 3, 4), (0, 2))
+def test_non_contiguous_axes_group_as_the_transposed_kernel_does():
+    # A Gemma-style query kernel (heads, d, head_dim): output axes (0, 2).
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4)).astype("float32")
+    layout = ChannelLayout.create(x.shape, (0, 2))
+    assert (layout.num_channels, layout.group_size) == (8, 3)
+    assert layout.view == (2, 3, 4) and layout.reduce_axes == (1,)
+    sums = ops.convert_to_numpy(layout.group_sum(ops.reshape(x, layout.view)))
+    # Output axes first, then flattened: channel c = head * head_dim + j.
+    expected = np.transpose(x, (0, 2, 1)).reshape(8, 3).sum(axis=1)
+    np.testing.assert_allclose(sums, expected, rtol=1e-6)
+    back = ops.convert_to_numpy(layout.per_element(ops.arange(8)))
+    assert back.shape == (2, 1, 4)
+    np.testing.assert_array_equal(back[:, 0, :].reshape(-1), np.arange(8))
+
+
+def test_override_axes_must_not_repeat():
+    with pytest.raises(ValueError, match="repeat"):
+        ChannelLayout.create((2, 3, 4), (0, -3))
 
 
 def test_optimizer_reports_a_bad_override_when_built():
