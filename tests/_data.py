@@ -1,5 +1,6 @@
-"""Data and a model the tests share: scikit-learn's bundled 8x8 digits (ships
-with the package, no download) and a small Conv+BatchNorm CNN, AdamP's case."""
+"""What the tests share: scikit-learn's bundled 8x8 digits (ships with the
+package, no download), a small Conv+BatchNorm CNN (AdamP's case), and one
+optimizer step that is stateless on JAX."""
 
 import keras
 
@@ -34,3 +35,24 @@ def conv_bn_model(seed=0, logits_dtype=None):
             keras.layers.Dense(10, dtype=logits_dtype),
         ]
     )
+
+
+def apply(optimizer, grads, variables):
+    """optimizer.apply, through stateless_apply on JAX (lax.cond cannot
+    assign Keras variables eagerly; Keras's own LossScaleOptimizer and
+    MultiOptimizer tests apply statelessly there), building it first."""
+    grads = [keras.ops.convert_to_tensor(g) for g in grads]
+    if keras.backend.backend() != "jax":
+        optimizer.apply(grads, variables)
+        return
+    if not optimizer.built:
+        optimizer.build(variables)
+    new_vars, new_opt_vars = optimizer.stateless_apply(
+        [v.value for v in optimizer.variables],
+        grads,
+        [v.value for v in variables],
+    )
+    for v, value in zip(variables, new_vars):
+        v.assign(value)
+    for v, value in zip(optimizer.variables, new_opt_vars):
+        v.assign(value)

@@ -34,6 +34,11 @@ BACKEND_MARKERS = {
 
 
 def pytest_configure(config):
+    # Used by Keras's own tests, which test_keras_conformance.py runs; every
+    # backend here trains, so it selects nothing.
+    config.addinivalue_line(
+        "markers", "requires_trainable_backend: Keras's marker (not numpy)."
+    )
     for marker, (_, why) in BACKEND_MARKERS.items():
         config.addinivalue_line(
             "markers", f"{marker}: {why}; skipped with a reason on the others."

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 
+from _data import apply
 from _data import conv_bn_model
 from _data import digits
 from keras_adamp import AdamP
@@ -55,24 +56,6 @@ def test_mixed_precision_fit_trains_a_batchnorm_cnn(
     assert np.all(np.diff(losses) < 0) and losses[-1] < 0.9 * losses[0], losses
     for w in model.get_weights():
         assert np.all(np.isfinite(w))
-
-
-def apply(optimizer, grads, variables):
-    """optimizer.apply, through stateless_apply on JAX (lax.cond cannot
-    assign Keras variables eagerly)."""
-    grads = [keras.ops.convert_to_tensor(g) for g in grads]
-    if keras.backend.backend() != "jax":
-        optimizer.apply(grads, variables)
-        return
-    new_vars, new_opt_vars = optimizer.stateless_apply(
-        [v.value for v in optimizer.variables],
-        grads,
-        [v.value for v in variables],
-    )
-    for v, value in zip(variables, new_vars):
-        v.assign(value)
-    for v, value in zip(optimizer.variables, new_opt_vars):
-        v.assign(value)
 
 
 @pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
