@@ -274,7 +274,11 @@ def _reuse(module, class_name, variant, names=(), excluded=(), parameters=None):
             patcher.start()
             self.addCleanup(patcher.stop)
 
-    namespace = {"setUp": setUp, "__module__": __name__}
+    namespace = {
+        "setUp": setUp,
+        "__module__": __name__,
+        "substituted": (module, names, variant),
+    }
     originals = {}
     for attribute in dir(keras_class):
         if not attribute.startswith("test"):
@@ -312,9 +316,27 @@ def _reused_classes():
     return classes
 
 
-for _class in _reused_classes():
+REUSED_CLASSES = _reused_classes()
+for _class in REUSED_CLASSES:
     globals()[_class.__name__] = _class  # pytest collects TestCase subclasses
 del _class
+
+
+def test_reused_keras_tests_build_our_optimizers():
+    # Were Keras to import its classes another way, the patches would miss
+    # and the reused tests would silently test Keras's own optimizers.
+    for reused in REUSED_CLASSES:
+        module, names, variant = reused.substituted
+        case = reused("setUp")
+        case.setUp()
+        try:
+            for name in names:
+                owner = getattr(module, "optimizers", module)
+                built = getattr(owner, name)(learning_rate=0.1)
+                expected = type(VARIANTS[variant]())
+                assert type(built) is expected, (reused.__name__, name)
+        finally:
+            case.doCleanups()
 
 
 def test_every_exclusion_names_a_keras_test_and_is_documented():
@@ -362,7 +384,8 @@ def _sparse_rows(values, shape):
     import torch
 
     return torch.sparse_coo_tensor(
-        torch.tensor([ROWS]), torch.from_numpy(values), shape
+        torch.tensor([ROWS]), torch.from_numpy(values), shape,
+        check_invariants=True,
     )
 
 
