@@ -261,8 +261,13 @@ def jax_train(index, addresses, out):
         # whose variable creation every process must join): save everywhere,
         # the chief to the real path.
         path = out.checkpoint(name)
-        model.save(path if index == 0 else path.replace(".keras", f"_{index}.keras"))
-        # Loading creates variables too: the same seed on every process.
+        if index:
+            path = path.replace(".keras", f"_{index}.keras")
+        model.save(path)
+        # Each process loads its own copy: on hosts without a shared disk
+        # that is all there is, and the chief's file may not be complete yet
+        # when another process gets here. Loading creates variables too: the
+        # same seed on every process.
         keras.utils.set_random_seed(0)
         model = keras.saving.load_model(path)
         resumed_at = steps(model.optimizer)
