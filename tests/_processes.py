@@ -12,6 +12,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def only_in_pass(backend):
+    """Skips the test except in the KERAS_BACKEND=`backend` pass of the suite:
+    its processes set their own backend, so once per CI run is enough."""
+    import keras
+
+    return pytest.mark.skipif(
+        keras.backend.backend() != backend,
+        reason=f"runs in the KERAS_BACKEND={backend} pass (its processes set "
+        f"their own backend; once per CI run is enough)",
+    )
+
+
 def free_ports(n):
     """`n` distinct ports free on 127.0.0.1 now (held together while picked)."""
     sockets = [socket.socket() for _ in range(n)]

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from _processes import only_in_pass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -212,16 +213,6 @@ _TINY = ["--dataset", "synthetic", "--model", "resnet8", "--image-size", "8",
          "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--verbose", "0"]
 
 
-def _only_in(backend):
-    import keras
-
-    return pytest.mark.skipif(
-        keras.backend.backend() != backend,
-        reason=f"runs in the KERAS_BACKEND={backend} pass (its processes set "
-        f"their own backend; once per CI run is enough)",
-    )
-
-
 def _example_on_two_processes(tmp_path, backend, cluster_env):
     """Starts the example in two local processes; returns their stdouts and
     final weights."""
@@ -262,7 +253,7 @@ def _assert_trained_alike(logs, weights, save, kind, statistics_shared):
     assert norms[0] == norms[1] and math.isfinite(norms[0])
 
 
-@_only_in("tensorflow")
+@only_in_pass("tensorflow")
 def test_train_resnet_two_workers_from_tf_config(tmp_path):
     import json
 
@@ -278,7 +269,7 @@ def test_train_resnet_two_workers_from_tf_config(tmp_path):
     _assert_trained_alike(logs, weights, save, "multi_worker", statistics_shared=False)
 
 
-@_only_in("jax")
+@only_in_pass("jax")
 def test_train_resnet_two_jax_processes_from_keras_distribution_env(tmp_path):
     from _processes import free_ports
 

@@ -19,26 +19,17 @@ import json
 import os
 import sys
 
-import keras
 import numpy as np
 import pytest
 from _processes import free_ports
 from _processes import launch
+from _processes import only_in_pass as only_in
 from _processes import worker_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_multiprocess_worker.py")
 OPTIMIZERS = ["adamp", "sgdp"]
 TOLERANCE = 1e-5
-BACKEND = keras.backend.backend()
-
-
-def only_in(backend):
-    return pytest.mark.skipif(
-        BACKEND != backend,
-        reason=f"runs in the KERAS_BACKEND={backend} pass (its workers set "
-        f"their own backend; once per CI run is enough)",
-    )
 
 
 def run_workers(scenario, backend, outdir, every_address=False, n=2):
