@@ -10,11 +10,29 @@ prints the test accuracy and the mean norm of the scale-invariant kernels (the
 ones the optimizer's own test flags on one batch).
 
 The distribution strategy is picked automatically: a TPU if one is found
-(TPUClusterResolver), MirroredStrategy over several GPUs, else the default
-strategy; ``--strategy`` forces one. The model and optimizer are built inside
-``strategy.scope()`` and the global batch is the per-replica batch times the
-number of replicas. Needs TensorFlow (tf.distribute and tf.data), whatever the
-Keras backend: run it with KERAS_BACKEND=tensorflow (the default).
+(TPUClusterResolver, a TPU pod included), MultiWorkerMirroredStrategy when
+TF_CONFIG names several workers, MirroredStrategy over several GPUs, else the
+default strategy; ``--strategy`` forces one. The model and optimizer are built
+inside ``strategy.scope()`` and the global batch is the per-replica batch times
+the number of replicas. The data pipeline uses tf.data whatever the backend.
+
+Several hosts run the same command, unchanged; the environment tells each
+process its place:
+
+    # TensorFlow: one TF_CONFIG per host (index 0 is the chief)
+    TF_CONFIG='{"cluster": {"worker": ["host1:12345", "host2:12345"]},
+                "task": {"type": "worker", "index": 0}}' \
+        python examples/train_resnet.py
+    # JAX: keras.distribution.initialize() reads these, then DataParallel
+    KERAS_BACKEND=jax KERAS_DISTRIBUTION_JOB_ADDRESSES=host1:12345 \
+    KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=0 \
+        python examples/train_resnet.py
+
+Keras 3.15's ``fit`` fails under MultiWorkerMirroredStrategy
+(keras-team/keras#20585), so that strategy trains with a custom loop here
+(`train_custom_loop`); every other case uses ``fit``. Only the chief writes
+``--save``/``--logdir`` output (JAX: the others save to a scratch file, since
+saving is a collective step there).
 """
 
 import argparse
@@ -56,7 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="cap the steps per epoch (smoke tests)")
     p.add_argument("--strategy", default="auto",
-                   choices=["auto", "tpu", "mirrored", "default"])
+                   choices=["auto", "tpu", "multi_worker", "mirrored", "default"],
+                   help="TensorFlow backend; JAX uses keras.distribution "
+                        "(DataParallel over every device of every process)")
     p.add_argument("--cpu-replicas", type=int, default=0,
                    help="split the CPU into this many logical devices first "
                         "(to try MirroredStrategy without GPUs)")
@@ -101,12 +121,26 @@ def find_tpu(resolver_factory=None):
         return None
 
 
+def tf_config_workers(environ=None):
+    """How many processes TF_CONFIG's cluster names (0 without TF_CONFIG)."""
+    import json
+
+    config = (os.environ if environ is None else environ).get("TF_CONFIG")
+    if not config:
+        return 0
+    cluster = json.loads(config).get("cluster", {})
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
 def select_strategy(name="auto", resolver_factory=None):
-    """TPU -> TPUStrategy; several GPUs (or CPU replicas) -> MirroredStrategy;
-    else the default strategy. `name` forces one ("tpu" fails without a TPU).
+    """TPU (a pod too) -> TPUStrategy; TF_CONFIG with several workers ->
+    MultiWorkerMirroredStrategy; several GPUs (or CPU replicas) ->
+    MirroredStrategy; else the default strategy. `name` forces one ("tpu"
+    fails without a TPU).
 
     Returns:
-        (strategy, kind) with kind in {"tpu", "mirrored", "default"}.
+        (strategy, kind) with kind in {"tpu", "multi_worker", "mirrored",
+        "default"}.
     """
     import tensorflow as tf
 
@@ -116,6 +150,9 @@ def select_strategy(name="auto", resolver_factory=None):
             return tf.distribute.TPUStrategy(resolver), "tpu"
         if name == "tpu":
             raise RuntimeError("--strategy tpu: no TPU found")
+    if name == "multi_worker" or (name == "auto" and tf_config_workers() > 1):
+        # Reads TF_CONFIG; every worker blocks here until all have joined.
+        return tf.distribute.MultiWorkerMirroredStrategy(), "multi_worker"
     gpus = tf.config.list_logical_devices("GPU")
     cpus = tf.config.list_logical_devices("CPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
@@ -125,6 +162,41 @@ def select_strategy(name="auto", resolver_factory=None):
         devices = [d.name for d in cpus]
         return tf.distribute.MirroredStrategy(devices=devices), "mirrored"
     return tf.distribute.get_strategy(), "default"
+
+
+JAX_ENVIRONMENT = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES")
+
+
+def start_jax_distribution(environ=None):
+    """JAX backend: joins the other processes when the environment names them
+    (keras.distribution.initialize reads KERAS_DISTRIBUTION_JOB_ADDRESSES,
+    _NUM_PROCESSES and _PROCESS_ID), then shards each global batch over every
+    device of every process with DataParallel.
+
+    Returns:
+        (number of devices, this process's index, number of processes).
+    """
+    import jax
+    import keras
+
+    environ = os.environ if environ is None else environ
+    if any(name in environ for name in JAX_ENVIRONMENT):
+        keras.distribution.initialize()
+    devices = keras.distribution.list_devices()
+    if len(devices) > 1:
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=devices))
+    return len(devices), jax.process_index(), jax.process_count()
+
+
+def is_chief(strategy):
+    """TensorFlow: the process that writes files (the chief, or worker 0)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict())
 
 
 # -- data -------------------------------------------------------------------
@@ -185,8 +257,10 @@ def _load_tfds(name, size):
             info.features["label"].num_classes)
 
 
-def make_pipeline(x, y, batch_size, training, seed=0):
-    """tf.data: shuffle (training), batch, prefetch. `x` may be a Dataset."""
+def make_pipeline(x, y, batch_size, training, seed=0, drop_remainder=None):
+    """tf.data: shuffle (training), batch, prefetch. `x` may be a Dataset.
+    Every process builds the same pipeline (same seed, same order of global
+    batches); the strategy gives each worker its share."""
     import tensorflow as tf
 
     ds = x if y is None else tf.data.Dataset.from_tensor_slices((x, y))
@@ -194,7 +268,14 @@ def make_pipeline(x, y, batch_size, training, seed=0):
         # In-memory arrays: shuffle them all; a tfds stream of big images: 1000.
         buffer = 10_000 if y is not None else 1_000
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Several workers: worker i takes per-replica batches i, i + n, ... of the
+    # same stream (there are no files to split).
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    drop = training if drop_remainder is None else drop_remainder
+    return (ds.batch(batch_size, drop_remainder=drop).with_options(options)
+            .prefetch(tf.data.AUTOTUNE))
 
 
 # -- model ------------------------------------------------------------------
@@ -269,6 +350,96 @@ def make_optimizer(name, total_steps, learning_rate=None, weight_decay=None):
 
 # -- training -----------------------------------------------------------------
 
+def train_custom_loop(model, strategy, train_ds, test_ds, global_batch, epochs,
+                      steps, callbacks, verbose=1):
+    """What `fit` and `evaluate` do, with strategy.run: Keras 3.15's `fit`
+    fails under MultiWorkerMirroredStrategy (keras-team/keras#20585), with
+    its own optimizers too. Returns (History, a function giving the test
+    loss and accuracy)."""
+    import keras
+    import tensorflow as tf
+
+    per_example = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None)
+    optimizer = model.optimizer
+
+    def replica_train_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            # Each replica's share of the global-batch mean: the all-reduced
+            # gradient is then the global batch's.
+            loss = tf.nn.compute_average_loss(
+                per_example(y, logits), global_batch_size=global_batch)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            # A LossScaleOptimizer (--mixed-precision) unscales what it gets.
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    def replica_test_step(x, y):
+        logits = model(x, training=False)
+        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y),
+                          "float32")
+        return (tf.reduce_sum(per_example(y, logits)), tf.reduce_sum(correct),
+                tf.cast(tf.size(y), "float32"))
+
+    @tf.function
+    def train_step(iterator):
+        loss = strategy.run(replica_train_step, args=next(iterator))
+        return strategy.reduce("SUM", loss, axis=None)
+
+    @tf.function
+    def test_step(x, y):
+        sums = strategy.run(replica_test_step, args=(x, y))
+        return [strategy.reduce("SUM", v, axis=None) for v in sums]
+
+    def evaluate():
+        total = tf.zeros(3)
+        for x, y in strategy.experimental_distribute_dataset(test_ds):
+            total += tf.stack(test_step(x, y))
+        loss, correct, count = total.numpy()
+        return float(loss / count), float(correct / count)
+
+    history = keras.callbacks.History()
+    callbacks = keras.callbacks.CallbackList(
+        [*callbacks, history], add_progbar=verbose > 0, model=model,
+        epochs=epochs, steps=steps, verbose=verbose)
+    iterator = iter(strategy.experimental_distribute_dataset(train_ds.repeat()))
+    callbacks.on_train_begin()
+    for epoch in range(epochs):
+        callbacks.on_epoch_begin(epoch)
+        total = 0.0
+        for step in range(steps):
+            callbacks.on_train_batch_begin(step)
+            loss = float(train_step(iterator))
+            total += loss
+            callbacks.on_train_batch_end(step, {"loss": loss})
+        val_loss, val_accuracy = evaluate()
+        callbacks.on_epoch_end(epoch, {"loss": total / steps, "val_loss": val_loss,
+                                       "val_accuracy": val_accuracy})
+    callbacks.on_train_end()
+    return history, evaluate
+
+
+def save_model(model, path, chief):
+    """The chief writes `path`; the other processes save to a scratch file
+    (with keras.distribution on JAX, saving is a step every process joins:
+    the chief alone would hang)."""
+    import shutil
+    import tempfile
+
+    if chief:
+        model.save(path)
+        return
+    scratch = tempfile.mkdtemp()
+    try:
+        model.save(os.path.join(scratch, os.path.basename(path)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def train(args, extra_callbacks=()):
     """Trains as `args` says. Returns a dict of results (see the end)."""
     import keras
@@ -276,9 +447,21 @@ def train(args, extra_callbacks=()):
 
     from keras_adamp.callbacks import ScaleInvariantNormMonitor
 
-    keras.utils.set_random_seed(args.seed)
-    strategy, kind = select_strategy(args.strategy)
-    replicas = strategy.num_replicas_in_sync
+    processes, chief = 1, True
+    if keras.backend.backend() == "jax":
+        # Before any JAX computation: joins the other processes, if any.
+        import tensorflow as tf
+
+        replicas, index, processes = start_jax_distribution()
+        strategy, chief = tf.distribute.get_strategy(), index == 0
+        kind = "data_parallel" if replicas > 1 else "default"
+    else:
+        strategy, kind = select_strategy(args.strategy)
+        replicas = strategy.num_replicas_in_sync
+        chief = is_chief(strategy)
+        if kind == "multi_worker":
+            processes = tf_config_workers() or 1
+    keras.utils.set_random_seed(args.seed)  # the same on every process
     global_batch = args.batch_size * replicas
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy(
@@ -287,7 +470,9 @@ def train(args, extra_callbacks=()):
     x_tr, y_tr, x_te, y_te, num_classes = load_dataset(
         args.dataset, args.image_size, args.seed)
     train_ds = make_pipeline(x_tr, y_tr, global_batch, True, args.seed)
-    test_ds = make_pipeline(x_te, y_te, global_batch, False)
+    # A sharded batch must split evenly over the devices of several processes.
+    test_ds = make_pipeline(x_te, y_te, global_batch, False,
+                            drop_remainder=kind == "data_parallel" and processes > 1)
     if y_tr is not None:
         steps = len(x_tr) // global_batch
         input_shape = x_tr.shape[1:]
@@ -302,8 +487,9 @@ def train(args, extra_callbacks=()):
     if args.steps_per_epoch:
         steps = min(steps, args.steps_per_epoch) if steps > 0 else args.steps_per_epoch
         train_ds = train_ds.repeat()
-    print(f"strategy: {kind} ({replicas} replica(s)), global batch {global_batch}, "
-          f"{steps} steps/epoch, {args.epochs} epochs, {args.optimizer}, "
+    workers = f", {processes} processes" if processes > 1 else ""
+    print(f"strategy: {kind} ({replicas} replica(s){workers}), global batch "
+          f"{global_batch}, {steps} steps/epoch, {args.epochs} epochs, {args.optimizer}, "
           f"{args.model} on {args.dataset} {tuple(input_shape)}")
 
     with strategy.scope():
@@ -316,25 +502,37 @@ def train(args, extra_callbacks=()):
             metrics=["accuracy"],
             jit_compile=args.jit,
         )
+        if kind == "multi_worker":
+            optimizer.build(model.trainable_variables)
     # The kernels the optimizer's own test flags as scale-invariant on one batch.
     monitor = ScaleInvariantNormMonitor(data=probe, every_n_steps=10)
     callbacks = [monitor, *extra_callbacks]
-    if args.logdir:
+    if args.logdir and chief:
         callbacks.append(keras.callbacks.TensorBoard(args.logdir))
     start = time.time()
-    history = model.fit(
-        train_ds, epochs=args.epochs, steps_per_epoch=steps,
-        validation_data=test_ds, callbacks=callbacks, verbose=args.verbose,
-        shuffle=False,  # tf.data shuffles
-    )
-    seconds = time.time() - start
-    loss, accuracy = model.evaluate(test_ds, verbose=0)
+    if kind == "multi_worker":
+        history, evaluate = train_custom_loop(
+            model, strategy, train_ds, test_ds, global_batch, args.epochs, steps,
+            callbacks, verbose=args.verbose if chief else 0)
+        seconds = time.time() - start
+        loss, accuracy = evaluate()
+    else:
+        history = model.fit(
+            train_ds, epochs=args.epochs, steps_per_epoch=steps,
+            validation_data=test_ds, callbacks=callbacks,
+            verbose=args.verbose if chief else 0,
+            shuffle=False,  # tf.data shuffles
+        )
+        seconds = time.time() - start
+        loss, accuracy = model.evaluate(test_ds, verbose=0)
     if args.save:
-        model.save(args.save)
+        save_model(model, args.save, chief)
     results = {
         "optimizer": args.optimizer,
         "strategy": kind,
         "replicas": replicas,
+        "processes": processes,
+        "chief": chief,
         "test_accuracy": float(accuracy),
         "test_loss": float(loss),
         "initial_norm": monitor.initial_norm,
@@ -361,7 +559,7 @@ def main(argv=None):
           f"{r['norm']:.3f} ({r['scale_invariant_kernels']} of {r['kernels']} kernels "
           f"flagged by the optimizer's test)")
     print(f"training time: {r['fit_seconds']:.1f} s")
-    if args.save:
+    if args.save and r["chief"]:
         print(f"saved: {args.save}")
     return r
 

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from _processes import only_in_pass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -195,3 +196,98 @@ def test_norm_growth_tiny_run(tmp_path, capsys):
         assert np.all(np.isfinite(r["norms"])) and np.all(np.isfinite(r["effective_steps"]))
     out = capsys.readouterr().out
     assert "SGDP" in out and "growth" in out
+
+
+# ------------------------------------------------- train_resnet on two processes
+
+# Runs the example's main() unchanged in each process, then writes that
+# process's final trainable ("t0", ...) and other ("n0", ...) weights.
+_RUN_EXAMPLE = (
+    "import sys, numpy as np, keras; sys.path[:0] = [sys.argv[1]]; "
+    "import train_resnet; m = train_resnet.main(sys.argv[3:])['model']; "
+    "np.savez(sys.argv[2], "
+    "**{f't{i}': keras.ops.convert_to_numpy(w) for i, w in enumerate(m.trainable_weights)}, "
+    "**{f'n{i}': keras.ops.convert_to_numpy(w) for i, w in enumerate(m.non_trainable_weights)})"
+)
+_TINY = ["--dataset", "synthetic", "--model", "resnet8", "--image-size", "8",
+         "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--verbose", "0"]
+
+
+def _example_on_two_processes(tmp_path, backend, cluster_env):
+    """Starts the example in two local processes; returns their stdouts and
+    final weights."""
+    from _processes import launch
+    from _processes import worker_env
+
+    envs = [dict(worker_env(backend), **cluster_env(i)) for i in range(2)]
+    save = tmp_path / "model.keras"
+    logs = launch(
+        lambda i: [sys.executable, "-c", _RUN_EXAMPLE, EXAMPLES,
+                   str(tmp_path / f"weights{i}.npz"), *_TINY, "--save", str(save)],
+        envs, str(tmp_path), timeout=420,
+    )
+    weights = []
+    for i in range(2):
+        with np.load(tmp_path / f"weights{i}.npz") as saved:
+            weights.append({name: saved[name] for name in saved.files})
+    return logs, weights, save
+
+
+def _assert_trained_alike(logs, weights, save, kind, statistics_shared):
+    """Both processes trained the same weights. BatchNorm's batch statistics
+    are per worker under MultiWorkerMirroredStrategy, so its moving averages
+    differ between workers there (and two workers need not equal one
+    process); with keras.distribution they are the global batch's."""
+    for log in logs:
+        assert f"strategy: {kind} (2 replica(s), 2 processes), global batch 8" in log
+        assert "test accuracy:" in log
+    assert "saved:" in logs[0] and "saved:" not in logs[1]  # the chief writes
+    assert save.stat().st_size > 0
+    assert weights[0].keys() == weights[1].keys()
+    assert sum(name.startswith("t") for name in weights[0]) == 29  # 9 convs, 9 BNs (gamma, beta), the head
+    for name, value in weights[0].items():
+        if name.startswith("t") or statistics_shared:
+            np.testing.assert_array_equal(value, weights[1][name], err_msg=name)
+    norms = [float(re.search(r"kernels: [0-9.]+ -> ([0-9.]+)", log).group(1))
+             for log in logs]
+    assert norms[0] == norms[1] and math.isfinite(norms[0])
+
+
+@only_in_pass("tensorflow")
+def test_train_resnet_two_workers_from_tf_config(tmp_path):
+    import json
+
+    from _processes import free_ports
+
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+
+    def tf_config(i):
+        return {"TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                         "task": {"type": "worker", "index": i}})}
+
+    logs, weights, save = _example_on_two_processes(tmp_path, "tensorflow", tf_config)
+    _assert_trained_alike(logs, weights, save, "multi_worker", statistics_shared=False)
+
+
+@only_in_pass("jax")
+def test_train_resnet_two_jax_processes_from_keras_distribution_env(tmp_path):
+    from _processes import free_ports
+
+    coordinator = f"127.0.0.1:{free_ports(1)[0]}"
+
+    def keras_env(i):
+        return {"KERAS_DISTRIBUTION_JOB_ADDRESSES": coordinator,
+                "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+                "KERAS_DISTRIBUTION_PROCESS_ID": str(i)}
+
+    logs, weights, save = _example_on_two_processes(tmp_path, "jax", keras_env)
+    _assert_trained_alike(logs, weights, save, "data_parallel", statistics_shared=True)
+
+
+def test_tf_config_workers_counts_the_cluster():
+    train_resnet = _load("train_resnet")
+    assert train_resnet.tf_config_workers({}) == 0
+    two = '{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}'
+    assert train_resnet.tf_config_workers({"TF_CONFIG": two}) == 2
+    chief = '{"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]}}'
+    assert train_resnet.tf_config_workers({"TF_CONFIG": chief}) == 3
