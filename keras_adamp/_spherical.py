@@ -41,11 +41,33 @@ _HOW_TO_DESIGNATE = (
 )
 
 
-def _paths_regex(paths):
-    """A regular expression that matches exactly `paths` (anchored, escaped)."""
-    if not paths:
+def _paths_regex(chosen, universe):
+    """A regular expression that matches the paths of the `chosen` variables
+    and of no other variable of `universe`, and keeps matching after a
+    `.keras` round trip.
+
+    A variable's path is not stable: a Sequential model's layers are built
+    under its name (`sequential/conv2d/kernel`), the same layers loaded from
+    a `.keras` file are not (`conv2d/kernel`). So each variable is matched by
+    the shortest tail of its path, at least `layer/variable`, that no other
+    variable's path ends with (layer names are unique within a model):
+    `(?:^|/)(?:conv2d/kernel|...)$`.
+    """
+    if not chosen:
         return NONE
-    return "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
+    chosen_ids = {id(v) for v in chosen}
+    others = [
+        layouts.variable_path(v) for v in universe if id(v) not in chosen_ids
+    ]
+    tails = []
+    for v in chosen:
+        parts = layouts.variable_path(v).split("/")
+        for k in range(min(2, len(parts)), len(parts) + 1):
+            tail = "/".join(parts[-k:])
+            if not any(o == tail or o.endswith("/" + tail) for o in others):
+                break
+        tails.append(tail)
+    return "(?:^|/)(?:" + "|".join(re.escape(t) for t in tails) + ")$"
 
 
 def validate_spherical(spherical):
@@ -68,7 +90,6 @@ def validate_spherical(spherical):
             ) from None
         return spherical
     if isinstance(spherical, (list, tuple)):
-        paths = []
         for v in spherical:
             if isinstance(v, str) or not hasattr(v, "shape") or not (
                 getattr(v, "path", None) or getattr(v, "name", None)
@@ -78,8 +99,7 @@ def validate_spherical(spherical):
                     "expression is given as one string). Received an element "
                     f"{v!r} in spherical={spherical!r}"
                 )
-            paths.append(layouts.variable_path(v))
-        return _paths_regex(paths)
+        return tuple(spherical)
     raise ValueError(
         "`spherical` must be None, a regular expression (str), a list of "
         f"variables or a callable `variable -> bool`. Received: "
@@ -99,6 +119,16 @@ def designated_mask(variables, spherical):
             raise ValueError(
                 f"`spherical` {spherical!r} matches no variable. Variables: "
                 + ", ".join(repr(layouts.variable_path(v)) for v in variables)
+            )
+        return mask
+    if isinstance(spherical, tuple):  # variables, by identity
+        chosen = {id(v) for v in spherical}
+        mask = [id(v) in chosen for v in variables]
+        missing = len(chosen) - sum(mask)
+        if missing:
+            raise ValueError(
+                f"`spherical`: {missing} of the variables given are not among "
+                "the variables the optimizer is built on."
             )
         return mask
     mask = []
@@ -159,10 +189,12 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
                 stacklevel=2,
             )
         mask = designated_mask(var_list, self.spherical)
-        if callable(self.spherical):
-            # Stored as the paths it chose, so that the config can hold it.
+        if callable(self.spherical) or (
+            isinstance(self.spherical, tuple) and self.spherical
+        ):
+            # Stored as the paths chosen, so that the config can hold it.
             self.spherical = _paths_regex(
-                [layouts.variable_path(v) for v, m in zip(var_list, mask) if m]
+                [v for v, m in zip(var_list, mask) if m], var_list
             )
         resolved = layouts.resolve_channel_axes(var_list, self.channel_axes)
         plan_layouts = []
@@ -244,12 +276,13 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
     def get_config(self):
         config = super().get_config()
         spherical = self.spherical
-        if callable(spherical):
+        if callable(spherical) or (isinstance(spherical, tuple) and spherical):
             warnings.warn(
-                f"{type(self).__name__}.get_config() before build: the "
-                "`spherical` callable can't be serialized and is saved as "
-                "None (nothing designated). Build the optimizer first (it "
-                "then stores the paths the callable chose), or pass a regex.",
+                f"{type(self).__name__}.get_config() before build: a "
+                "`spherical` callable or list of variables can't be "
+                "serialized, and is saved as None (nothing designated). "
+                "Build the optimizer first (it then stores the paths chosen), "
+                "or pass `keras_adamp.normalized_kernels(model)` or a regex.",
                 stacklevel=2,
             )
             spherical = None
@@ -395,13 +428,15 @@ def normalized_kernels(model):
 
     Returns:
         A regular expression matching exactly the designated variables' paths
-        (anchored, escaped: it can be saved in the optimizer's config), or `[]`
-        if there are none.
+        (escaped, anchored at the end of the path and at a `/` or its start,
+        so that it still matches after a `.keras` round trip, which can drop
+        a Sequential model's name from its variables' paths; it can be saved
+        in the optimizer's config), or `[]` if there are none.
     """
     found = _normalized(model)
-    return list(NONE) if not found else _paths_regex(
-        [layouts.variable_path(k) for k, _ in found]
-    )
+    if not found:
+        return []
+    return _paths_regex([k for k, _ in found], model.weights)
 
 
 def normalized_kernel_axes(model):
@@ -412,7 +447,7 @@ def normalized_kernel_axes(model):
     `{**normalized_kernel_axes(model), **other}` (the first matching pattern
     wins)."""
     return {
-        _paths_regex([layouts.variable_path(k)]): []
+        _paths_regex([k], model.weights): []
         for k, kind in _normalized(model)
         if kind == "whole"
     }
