@@ -352,7 +352,9 @@ def _walk(model, found):
             id(a): [b] for a, b in zip(members, members[1:])
         }
     else:
-        ids = {id(layer) for layer in members}
+        # Every operation of the graph, not only its layers: a kernel whose
+        # output also feeds a `keras.ops` call is not only normalized.
+        ids = {id(op) for op in getattr(model, "_operations", members)}
         outputs = {id(t) for t in keras.tree.flatten(model.outputs)}
         consumers = {}
         for layer in members:

@@ -99,13 +99,17 @@ def test_normalized_kernels_reads_a_functional_graph():
     c = layers.Add()([c, b])                                     # b is also used raw
     d = layers.Conv2D(4, 3, use_bias=False, name="to_relu_bn")(inputs)
     d = layers.BatchNormalization(name="bn3")(layers.ReLU()(d))  # not directly
-    x = layers.Flatten()(layers.Concatenate()([a, c, d]))
+    g = layers.Conv2D(4, 3, use_bias=False, name="to_bn_and_op")(inputs)
+    g = layers.BatchNormalization(name="bn4")(g) + keras.ops.relu(g)
+    h = layers.Conv2D(4, 3, use_bias=False, name="to_bn_and_output")(inputs)
+    h_out = layers.BatchNormalization(name="bn5")(h)
+    x = layers.Flatten()(layers.Concatenate()([a, c, d, g, h_out]))
     e = layers.Dense(6, use_bias=False, name="to_ln")(x)
     e = layers.LayerNormalization(name="ln")(e)
     f = layers.Dense(6, name="biased_to_ln")(x)                  # LN keeps the bias
     f = layers.LayerNormalization(name="ln2")(f)
     out = layers.Dense(3, name="head")(layers.Concatenate()([e, f]))
-    model = keras.Model(inputs, out)
+    model = keras.Model(inputs, [out, h])
 
     pattern = keras_adamp.normalized_kernels(model)
     chosen = sorted(
