@@ -74,9 +74,10 @@ def validate_spherical(spherical):
     """Checks a `spherical` argument before any variable is seen.
 
     Returns None (the default: nothing designated, with a warning at build),
-    `NONE` (an empty list or tuple: nothing, silently), a regex string, or the
-    callable unchanged. A list of variables becomes the regex of their paths
-    at once, so the optimizer's config can store it.
+    `NONE` (an empty list or tuple: nothing, silently), a regex string, the
+    callable unchanged, or a list of variables as a tuple. `build` turns a
+    callable or a list into the regex of the paths chosen (`_paths_regex`),
+    which the optimizer's config can store.
     """
     if spherical is None or callable(spherical):
         return spherical
@@ -110,7 +111,7 @@ def validate_spherical(spherical):
 def designated_mask(variables, spherical):
     """Per variable of `variables`, whether `spherical` (as returned by
     `validate_spherical`) designates it."""
-    if spherical is None or spherical == NONE:
+    if spherical is None or (isinstance(spherical, tuple) and not spherical):
         return [False] * len(variables)
     if isinstance(spherical, str):
         pattern = re.compile(spherical)
@@ -155,6 +156,9 @@ class _VariablePlan:
 class SphericalOptimizer(keras.optimizers.Optimizer):
     """Base of AdamS, AdamSRT and SGDMRT: not for direct use."""
 
+    # What a variable that is not designated is updated by (for messages).
+    _plain = "Adam"
+
     def __init__(self, learning_rate, l2, spherical, channel_axes, name=None,
                  **kwargs):
         if name is None:
@@ -183,8 +187,8 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
         if self.spherical is None:
             warnings.warn(
                 f"{type(self).__name__}: no variable is designated spherical, "
-                f"so every variable is updated as by plain "
-                f"{'SGD' if 'SGD' in type(self).__name__ else 'Adam'} with L2. "
+                f"so every variable is updated as by plain {self._plain} with "
+                "L2. "
                 f"To use the spherical updates, {_HOW_TO_DESIGNATE}.",
                 stacklevel=2,
             )
@@ -289,7 +293,7 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
         config.update(
             {
                 "l2": self.l2,
-                "spherical": list(spherical) if spherical == NONE else spherical,
+                "spherical": [] if isinstance(spherical, tuple) else spherical,
                 "channel_axes": (
                     None
                     if self.channel_axes is None

@@ -54,6 +54,8 @@ class SGDMRT(SphericalOptimizer):
         - [Authors' PyTorch code](https://github.com/ymontmarin/adamsrt)
     """
 
+    _plain = "SGD"
+
     def __init__(
         self,
         learning_rate,
