@@ -232,7 +232,7 @@ def test_designation_that_fits_no_variable_raises_at_build():
     ],
     ids=["adams", "adamsrt", "sgdmrt"],
 )
-def test_weight_decay_is_keras_decoupled_decay_before_the_step(make):
+def test_weight_decay_is_keras_decoupled_decay(make):
     def first_step(**kw):
         variables = _variables()
         variables[0].assign(np.linspace(1, 2, 288).reshape(3, 3, 4, 8))
