@@ -127,6 +127,24 @@ def test_normalized_kernels_reads_a_functional_graph():
     assert optimizer.channel_layout(by_path["head/kernel"]) is None
 
 
+def test_normalized_kernels_walks_nested_models():
+    inner = keras.Sequential(
+        [keras.layers.Dense(6, use_bias=False, name="inner_dense"),
+         keras.layers.LayerNormalization(name="inner_ln"),
+         keras.layers.Dense(6, use_bias=False, name="inner_last")],
+        name="inner",
+    )
+    inputs = keras.Input((5,))
+    x = inner(inputs)
+    x = keras.layers.BatchNormalization(name="outer_bn")(x)  # not seen inside
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+    pattern = keras_adamp.normalized_kernels(model)
+    chosen = [v.path for v in model.trainable_variables if re.search(pattern, v.path)]
+    assert [c.split("/")[-2] for c in chosen] == ["inner_dense"]
+    axes = keras_adamp.normalized_kernel_axes(model)
+    assert [k for k in axes if re.search(k, chosen[0])] and list(axes.values()) == [[]]
+
+
 def test_normalized_kernels_refuses_a_subclassed_model():
     class Net(keras.Model):
         def __init__(self):
