@@ -312,15 +312,28 @@ def view(x, layout):
 # -- which kernels a normalization layer makes scale-invariant ---------------
 
 _BATCH_NORM = ("BatchNormalization",)
-_WHOLE_NORMS = ("LayerNormalization", "GroupNormalization", "RMSNormalization")
+_WHOLE_NORMS = (
+    "LayerNormalization", "GroupNormalization", "RMSNormalization",
+    "UnitNormalization",
+)
 
 
-def _norm_kind(layer):
-    """"channel" (BatchNorm: each output channel is scale-invariant),
-    "whole" (LayerNorm, GroupNorm: the whole kernel is), or None."""
-    for cls in type(layer).__mro__:
+def _norm_kind(norm, layer):
+    """How `norm`, fed by `layer`, makes `layer`'s kernel scale-invariant:
+    "channel" (a BatchNorm over the layer's output channels: each channel
+    is), "whole" (LayerNorm, GroupNorm, RMSNorm, UnitNorm: the kernel as a
+    whole is), or None."""
+    for cls in type(norm).__mro__:
         if cls.__name__ in _BATCH_NORM:
-            return "channel"
+            channels_first = getattr(layer, "data_format", None) == "channels_first"
+            try:
+                rank = len(norm.input.shape)
+            except (AttributeError, ValueError):  # never called, or shared
+                rank = None
+            axis, last = norm.axis, -1
+            if rank:
+                axis, last = axis % rank, rank - 1
+            return "channel" if axis == (1 if channels_first else last) else None
         if cls.__name__ in _WHOLE_NORMS:
             return "whole"
     return None
@@ -376,7 +389,7 @@ def _walk(model, found):
             consumers[id(layer)] = uses
     for layer in members:
         uses = consumers.get(id(layer), [])
-        kinds = {_norm_kind(u) if u is not None else None for u in uses}
+        kinds = {_norm_kind(u, layer) if u is not None else None for u in uses}
         if not uses or None in kinds or len(kinds) != 1:
             continue
         (kind,) = kinds
@@ -418,11 +431,12 @@ def normalized_kernels(model):
     """The paper's spherical set for a Keras model, as a regex for `spherical`.
 
     A kernel (the `kernel` of Dense, Conv*, DepthwiseConv*, EinsumDense...) is
-    designated when every use of its layer's output feeds a BatchNormalization
-    (then each output channel is scale-invariant), or a LayerNormalization,
-    GroupNormalization or RMSNormalization directly, with nothing in between
-    (then the whole kernel is, provided the layer has no bias: those don't
-    subtract it). Functional models are read from their graph, Sequential
+    designated when every use of its layer's output feeds, directly, a
+    BatchNormalization over the output channels (then each channel is
+    scale-invariant; its mean subtraction removes a bias), or a
+    LayerNormalization, GroupNormalization, RMSNormalization or
+    UnitNormalization (then the whole kernel is, provided the layer has no
+    bias). Functional models are read from their graph, Sequential
     from their order; nested functional/Sequential models are read too. The
     kernels inside a custom layer are never designated; a subclassed model
     raises ValueError (its `call` can't be read: pass a regex or a list).

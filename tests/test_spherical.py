@@ -103,7 +103,9 @@ def test_normalized_kernels_reads_a_functional_graph():
     g = layers.BatchNormalization(name="bn4")(g) + keras.ops.relu(g)
     h = layers.Conv2D(4, 3, use_bias=False, name="to_bn_and_output")(inputs)
     h_out = layers.BatchNormalization(name="bn5")(h)
-    x = layers.Flatten()(layers.Concatenate()([a, c, d, g, h_out]))
+    k = layers.Conv2D(4, 3, use_bias=False, name="to_bn_on_rows")(inputs)
+    k = layers.BatchNormalization(axis=1, name="bn_rows")(k)  # not channels
+    x = layers.Flatten()(layers.Concatenate()([a, c, d, g, h_out, k]))
     e = layers.Dense(6, use_bias=False, name="to_ln")(x)
     e = layers.LayerNormalization(name="ln")(e)
     f = layers.Dense(6, name="biased_to_ln")(x)                  # LN keeps the bias
