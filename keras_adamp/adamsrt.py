@@ -31,7 +31,7 @@ class AdamSRT(AdamS):
     Use it in place of Adam on a network with normalization layers: in the
     paper it is more accurate than Adam and AdamS in every setting
     (ResNet-20 CIFAR-10 91.81 vs 90.98 and 91.15; ResNet-18 CIFAR-100
-    75.28 vs 71.30 and 74.44), training a little slower than Adam.
+    75.28 vs 71.30 and 74.44).
     Trajectories equal the authors' PyTorch code's.
 
     Args:
