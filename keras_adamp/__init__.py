@@ -23,12 +23,22 @@ from keras_adamp import callbacks  # noqa: E402
 from keras_adamp import diagnostics  # noqa: E402
 from keras_adamp import layouts  # noqa: E402
 from keras_adamp import projection  # noqa: E402
+from keras_adamp._spherical import normalized_kernel_axes  # noqa: E402
+from keras_adamp._spherical import normalized_kernels  # noqa: E402
 from keras_adamp.adamp import AdamP  # noqa: E402
+from keras_adamp.adams import AdamS  # noqa: E402
+from keras_adamp.adamsrt import AdamSRT  # noqa: E402
+from keras_adamp.sgdmrt import SGDMRT  # noqa: E402
 from keras_adamp.sgdp import SGDP  # noqa: E402
 
 __all__ = [
     "AdamP",
+    "AdamS",
+    "AdamSRT",
+    "SGDMRT",
     "SGDP",
+    "normalized_kernel_axes",
+    "normalized_kernels",
     "callbacks",
     "diagnostics",
     "layouts",
