@@ -24,11 +24,13 @@ from keras_adamp import diagnostics  # noqa: E402
 from keras_adamp import layouts  # noqa: E402
 from keras_adamp import projection  # noqa: E402
 from keras_adamp.adamp import AdamP  # noqa: E402
+from keras_adamp.layouts import channel_axes_for  # noqa: E402
 from keras_adamp.sgdp import SGDP  # noqa: E402
 
 __all__ = [
     "AdamP",
     "SGDP",
+    "channel_axes_for",
     "callbacks",
     "diagnostics",
     "layouts",
