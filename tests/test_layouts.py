@@ -3,6 +3,7 @@ of the layer that owns it; biases never projected; the warnings of the static
 rules; fine-tuning with an override naming frozen layers; `channel_layout`'s
 errors."""
 
+import functools
 import re
 import warnings
 
@@ -15,6 +16,16 @@ import keras_adamp
 from keras_adamp import layouts
 
 L = keras.layers
+
+# Building many layer types costs JAX and torch a compilation per initializer
+# shape (the zoo: ~45 s on JAX, ~0.5 s on TensorFlow); the walk and the rules
+# are backend-independent Python, so the big models are built on TensorFlow.
+built_on_tensorflow = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-independent walk; these models take ~45-75 s to build on "
+    "JAX (a compilation per initializer shape), so they are built on "
+    "TensorFlow",
+)
 
 
 def _einsum_kernel_outputs(equation):
@@ -126,9 +137,10 @@ class _Scaled(L.Layer):
         return self.inner(x) @ self.mix
 
 
+@functools.lru_cache(maxsize=None)
 def zoo():
     """Every Keras layer with a kernel, in one functional model with a nested
-    Sequential and a custom layer."""
+    Sequential and a custom layer (built once; the tests only read it)."""
     keras.utils.set_random_seed(0)
     image = keras.Input((8, 8, 4))
     x = L.Conv2D(6, 3, groups=2, padding="same")(image)
@@ -198,6 +210,7 @@ def zoo_paths(model):
     }
 
 
+@built_on_tensorflow
 def test_every_keras_layer_with_a_kernel_is_grouped_by_its_layer():
     model = zoo()
     result = assert_channel_axes_match(model)
@@ -220,11 +233,7 @@ def test_unet_transposed_kernels_are_grouped_by_output_channel():
     assert result["^up/kernel$"] == [2]
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="the walk is backend-independent Python; building these models "
-    "takes ~13 s on TensorFlow and ~75 s on JAX, so they run on TensorFlow",
-)
+@built_on_tensorflow
 @pytest.mark.parametrize(
     "name", ["ResNet50", "MobileNetV2", "EfficientNetB0", "ConvNeXtTiny", "vit", "bert"]
 )
@@ -254,14 +263,14 @@ def test_channel_axes_for_matches_layers_on_real_models(name):
 # -- the override is accepted, stored and saved ----------------------------
 
 
-@pytest.mark.parametrize("cls", [keras_adamp.AdamP, keras_adamp.SGDP])
-def test_channel_axes_for_round_trips_through_config_and_keras_file(cls, tmp_path):
+def test_channel_axes_for_round_trips_through_config_and_keras_file(tmp_path):
     model = unet()
     axes = keras_adamp.channel_axes_for(model)
-    optimizer = cls(channel_axes=axes)
-    config = optimizer.get_config()
-    assert config["channel_axes"] == axes
-    assert cls.from_config(config).get_config()["channel_axes"] == axes
+    for cls in (keras_adamp.AdamP, keras_adamp.SGDP):
+        config = cls(channel_axes=axes).get_config()
+        assert config["channel_axes"] == axes
+        assert cls.from_config(config).get_config()["channel_axes"] == axes
+    optimizer = keras_adamp.SGDP(channel_axes=axes)
     model.compile(optimizer=optimizer, loss="mse")
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
     model.fit(x, np.zeros((2, 8, 8, 2), "float32"), epochs=1, verbose=0)
@@ -302,6 +311,7 @@ def _build_warnings(optimizer, variables):
     return [str(w.message) for w in caught]
 
 
+@built_on_tensorflow
 def test_a_guessed_grouping_warns_once_at_build_naming_variables_and_fix():
     model = zoo()
     messages = _build_warnings(keras_adamp.AdamP(), model.trainable_variables)
@@ -347,15 +357,14 @@ def test_static_rules_know_when_they_guess(shape, path):
 # -- fine-tuning -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [keras_adamp.AdamP, keras_adamp.SGDP])
-def test_an_override_naming_only_frozen_layers_is_ignored_with_a_warning(cls):
+def test_an_override_naming_only_frozen_layers_is_ignored_with_a_warning():
     model = unet()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         axes = keras_adamp.channel_axes_for(model)  # all layers trainable
     for name in ("down1", "down2", "up", "fuse"):
         model.get_layer(name).trainable = False
-    optimizer = cls(channel_axes={**axes, "down": [-1]})
+    optimizer = keras_adamp.AdamP(channel_axes={**axes, "down": [-1]})
     model.compile(optimizer=optimizer, loss="mse")
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
     before = keras.ops.convert_to_numpy(model.get_layer("logits").kernel)
