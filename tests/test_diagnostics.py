@@ -208,10 +208,12 @@ def mixed_float16():
 
 def residual_model(seed=3):
     """A kernel on a residual branch scaled by 1e-7: its float16 gradient
-    underflows to 0 unless the loss is scaled."""
+    underflows to 0 unless the loss is scaled. And a LayerNorm'ed kernel
+    (layer-wise scale-invariant)."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((8,))
-    main = layers.Dense(8, name="main")(inputs)
+    main = layers.LayerNormalization(name="ln")(
+        layers.Dense(8, use_bias=False, name="main")(inputs))
     tiny = layers.Rescaling(1e-7)(layers.Dense(8, use_bias=False, name="tiny")(inputs))
     x = layers.Add()([main, tiny])
     outputs = layers.Dense(3, name="head", dtype="float32")(x)
@@ -229,11 +231,6 @@ def residual_batch():
             rng.integers(0, 3, 16).astype("int32"))
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() == "torch",
-    reason="float16 matmuls on torch's CPU build: the issue's acceptance is "
-    "TensorFlow and JAX",
-)
 def test_mixed_float16_report_gives_the_float32_decision(mixed_float16):
     x, y = residual_batch()
     keras.config.set_dtype_policy("float32")
@@ -246,6 +243,7 @@ def test_mixed_float16_report_gives_the_float32_decision(mixed_float16):
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     rows = {r.path: r.decision for r in diagnostics.scale_invariance_report(model, x, y)}
     assert expected["tiny/kernel"] == diagnostics.NOT_PROJECTED
+    assert expected["main/kernel"] == diagnostics.LAYER_WISE
     assert rows == expected
     # Without the loss scale, float16 flushes that gradient to 0, which
     # passes for scale invariance: what the report used to say.
