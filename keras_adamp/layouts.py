@@ -209,24 +209,23 @@ def static_rule_is_a_guess(shape, path):
     """Whether :func:`default_channel_axes` only guesses this variable's
     grouping (its rank >= 2 and no rule is sure of it).
 
-    Sure: a rank-2 ``kernel`` (Dense), ``embeddings``, ``depthwise_kernel``,
-    ``pointwise_kernel``, and a rank 3-5 ``kernel`` that looks like a Conv's
-    (spatial extents <= 32, last axis > 1, no word in its path that names a
-    transposed, depthwise, attention or EinsumDense layer), or a depthwise
-    one (last axis 1, "depthwise" in its path). Everything else is a guess:
-    custom variables, a ``kernel`` of rank > 5, shapes a Conv cannot have,
-    rank-3 EinsumDense-like kernels, and a 1-filter Conv read as depthwise.
+    Sure: any rank-2 variable (a matrix ``(in, out)`` as Dense's, or
+    ``embeddings``), ``depthwise_kernel``, ``pointwise_kernel``, and a rank
+    3-5 ``kernel`` that looks like a Conv's (spatial extents <= 32, last axis
+    > 1, no word in its path that names a transposed, depthwise, attention or
+    EinsumDense layer), or a depthwise one (last axis 1, "depthwise" in its
+    path). Everything else is a guess: custom variables of rank >= 3, a
+    ``kernel`` of rank > 5, shapes a Conv cannot have, rank-3 EinsumDense-like
+    kernels, and a 1-filter Conv read as depthwise.
     """
     ndim = len(shape)
     name = path.split("/")[-1]
-    if ndim <= 1 or is_bias(name):
+    if ndim <= 2 or is_bias(name):
         return False
-    if name in ("embeddings", "depthwise_kernel", "pointwise_kernel"):
+    if name in ("depthwise_kernel", "pointwise_kernel"):
         return False
     if name != "kernel" or ndim > 5:
         return True
-    if ndim == 2:
-        return False
     words = [w for w in _AMBIGUOUS_PATH_WORDS if w in path.lower()]
     if shape[-1] == 1:
         return words != ["depthwise"]

@@ -319,9 +319,10 @@ def test_a_guessed_grouping_warns_once_at_build_naming_variables_and_fix():
     guessed = [m for m in messages if "guessed" in m]
     assert len(guessed) == 1
     paths = zoo_paths(model)
-    for key in ["transpose", "depthwise", "query", "gemma", "custom"]:
+    for key in ["transpose", "depthwise", "query", "gemma"]:
         assert f"'{paths[key]}'" in guessed[0]
     assert f"'{paths['conv']}'" not in guessed[0]  # a Conv is sure
+    assert f"'{paths['custom']}'" not in guessed[0]  # a matrix: (in, out)
     assert "channel_axes=keras_adamp.channel_axes_for(model)" in guessed[0]
     # The fix silences it.
     with warnings.catch_warnings():
@@ -348,11 +349,26 @@ def test_sure_groupings_do_not_warn():
         ((64, 2, 16), "block/proj/kernel"),  # no Conv1D has a 64-tap kernel
         ((3, 3, 4, 8), "up/conv2d_transpose/kernel"),
         ((2, 2, 2, 2, 2, 2), "kernel"),
-        ((4, 5), "custom/w"),
+        ((4, 5, 6), "custom/w"),
     ],
 )
 def test_static_rules_know_when_they_guess(shape, path):
     assert layouts.static_rule_is_a_guess(shape, path)
+
+
+@pytest.mark.parametrize(
+    "shape, path",
+    [
+        ((4, 5), "custom/w"),  # any matrix reads as Dense's (in, out)
+        ((12, 8), "position_embedding/embeddings"),
+        ((3, 3, 4, 8), "conv/kernel"),
+        ((3, 3, 4, 1), "block_depthwise/kernel"),
+        ((2, 4), "attention/bias"),
+        ((8,), "gamma"),
+    ],
+)
+def test_static_rules_know_when_they_are_sure(shape, path):
+    assert not layouts.static_rule_is_a_guess(shape, path)
 
 
 # -- fine-tuning -----------------------------------------------------------
