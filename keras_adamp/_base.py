@@ -129,17 +129,18 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
         projected, rank <= 1 or a bias). Through a `LossScaleOptimizer`:
         `keras_adamp.layouts.channel_layout(optimizer, variable)`.
 
+        Before `build`, the layout `build` will give it (the override, else
+        the static rules), resolved for this variable alone.
+
         Raises:
-            ValueError: before the optimizer is built, or for a variable it
-                was not built on.
+            ValueError: for a variable the built optimizer was not built on,
+                or an override whose axes do not fit the variable.
         """
         path = layouts.variable_path(variable)
         if not self.built:
-            raise ValueError(
-                f"{type(self).__name__}.channel_layout('{path}'): the optimizer "
-                f"is not built yet; layouts are resolved in `build`. Call "
-                f"`optimizer.build(model.trainable_variables)` (fit does) first."
-            )
+            return layouts.resolve_channel_axes(
+                [variable], self.channel_axes, warn=False
+            )[0]
         try:
             index = self._get_variable_index(variable)
         except KeyError:

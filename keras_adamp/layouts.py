@@ -526,8 +526,8 @@ def channel_layout(optimizer, variable):
     optimizer in one under ``mixed_float16``).
 
     Raises:
-        ValueError: for another optimizer, before the optimizer is built, or
-            for a variable it was not built on.
+        ValueError: for another optimizer, or a variable the built optimizer
+            was not built on.
     """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     method = getattr(inner, "channel_layout", None)

@@ -395,12 +395,13 @@ def test_an_override_naming_only_frozen_layers_is_ignored_with_a_warning():
 # -- channel_layout --------------------------------------------------------
 
 
-def test_channel_layout_errors_are_clear():
+def test_channel_layout_before_build_and_its_errors():
     model = unet()
     kernel = model.get_layer("up").kernel
-    optimizer = keras_adamp.AdamP()
-    with pytest.raises(ValueError, match="not built yet"):
-        optimizer.channel_layout(kernel)
+    optimizer = keras_adamp.AdamP(channel_axes={"up/kernel": -2})
+    # Before build: the layout build will give it.
+    assert optimizer.channel_layout(kernel).channel_axes == (2,)
+    assert optimizer.channel_layout(model.get_layer("logits").bias) is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimizer.build(model.trainable_variables[:2])
@@ -408,6 +409,33 @@ def test_channel_layout_errors_are_clear():
         optimizer.channel_layout(kernel)
     with pytest.raises(ValueError, match="Adam groups no variable"):
         layouts.channel_layout(keras.optimizers.Adam(), kernel)
+
+
+def test_subclassed_model_with_its_own_variable():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.up = L.Conv2DTranspose(3, 2, name="up")
+            self.blocks = [L.Dense(4, name="d0"), L.EinsumDense("ab,bc->ac", (5,), name="e0")]
+
+        def build(self, input_shape):
+            self.mix = self.add_weight(shape=(2, 3, 4), name="mix")
+
+        def call(self, x):
+            x = self.up(x)
+            return self.blocks[1](self.blocks[0](x[:, 0, 0, :]))
+
+    model = Net()
+    model(np.zeros((1, 4, 4, 2), "float32"))
+    with pytest.warns(UserWarning, match=r"mix' \(2, 3, 4\) of Net"):
+        result = keras_adamp.channel_axes_for(model)
+    by_path = {v.path: result.get("^" + re.escape(v.path) + "$")
+               for v in model.trainable_variables}
+    assert by_path == {
+        model.up.kernel.path: [2], model.up.bias.path: None,
+        model.blocks[0].kernel.path: [1], model.blocks[0].bias.path: None,
+        model.blocks[1].kernel.path: [1], model.mix.path: [2],
+    }
 
 
 def test_channel_layout_through_a_loss_scale_optimizer():
