@@ -28,6 +28,7 @@ from keras_adamp._spherical import normalized_kernels  # noqa: E402
 from keras_adamp.adamp import AdamP  # noqa: E402
 from keras_adamp.adams import AdamS  # noqa: E402
 from keras_adamp.adamsrt import AdamSRT  # noqa: E402
+from keras_adamp.layouts import channel_axes_for  # noqa: E402
 from keras_adamp.sgdmrt import SGDMRT  # noqa: E402
 from keras_adamp.sgdp import SGDP  # noqa: E402
 
@@ -37,6 +38,7 @@ __all__ = [
     "AdamSRT",
     "SGDMRT",
     "SGDP",
+    "channel_axes_for",
     "normalized_kernel_axes",
     "normalized_kernels",
     "callbacks",

@@ -96,8 +96,12 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
+        # Warns once, here, about patterns that match no trainable variable
+        # (frozen layers: ignored) and groupings only guessed from shapes.
         resolved = tuple(
-            layouts.resolve_channel_axes(var_list, self.channel_axes)
+            layouts.resolve_channel_axes(
+                var_list, self.channel_axes, owner=type(self).__name__
+            )
         )
         self._plan = _VariablePlan(
             layouts=resolved,
@@ -121,8 +125,31 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
         return bool(self.weight_decay) and self._use_weight_decay(variable)
 
     def channel_layout(self, variable):
-        """The `layouts.ChannelLayout` used for `variable` (None: rank <= 1)."""
-        return self._plan.layouts[self._get_variable_index(variable)]
+        """The `layouts.ChannelLayout` used for `variable` (None: never
+        projected, rank <= 1 or a bias). Through a `LossScaleOptimizer`:
+        `keras_adamp.layouts.channel_layout(optimizer, variable)`.
+
+        Before `build`, the layout `build` will give it (the override, else
+        the static rules), resolved for this variable alone.
+
+        Raises:
+            ValueError: for a variable the built optimizer was not built on,
+                or an override whose axes do not fit the variable.
+        """
+        path = layouts.variable_path(variable)
+        if not self.built:
+            return layouts.resolve_channel_axes(
+                [variable], self.channel_axes, warn=False
+            )[0]
+        try:
+            index = self._get_variable_index(variable)
+        except KeyError:
+            raise ValueError(
+                f"{type(self).__name__}.channel_layout: '{path}' "
+                f"{tuple(variable.shape)} is not one of the "
+                f"{len(self._plan.layouts)} variables this optimizer was built on."
+            ) from None
+        return self._plan.layouts[index]
 
     def _dense(self, gradient, variable):
         # The cosine needs the whole gradient. On TensorFlow an Embedding's

@@ -32,7 +32,9 @@ class ScaleInvariantNormMonitor(keras.callbacks.Callback):
       searched in ``variable.path``);
     * else ``data=(x, y)`` given: the variables that the optimizer's own test
       flags as scale-invariant on the gradients of that batch, at the start of
-      training (:func:`keras_adamp.diagnostics.scale_invariance_report`);
+      training (:func:`keras_adamp.diagnostics.scale_invariance_report`, with
+      the optimizer's layouts and, under ``mixed_float16``, its loss scale:
+      a gradient that float16 would flush to 0 is not taken for invariance);
     * else: every trainable variable of rank >= 2 (kernels not followed by a
       normalisation layer included).
 

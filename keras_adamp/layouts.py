@@ -15,12 +15,18 @@ those facts and nothing of the optimizers' math:
 * :func:`default_channel_axes`: the static rules (shape and variable name).
 * :func:`validate_channel_axes` and :func:`resolve_channel_axes`: the
   ``channel_axes={pattern: axes}`` override of the optimizers.
+* :func:`channel_axes_for`: the override for a whole model, taken from each
+  variable's owning layer (its type and config) instead of guessed.
+* :func:`channel_layout`: the layout an optimizer (or the optimizer inside a
+  ``LossScaleOptimizer``) uses for a variable.
 """
 
 import dataclasses
 import math
 import re
+import warnings
 
+import keras
 from keras import ops
 
 
@@ -143,6 +149,14 @@ def _normalize_axes(channel_axes, shape):
     return tuple(sorted(axes))
 
 
+def is_bias(name):
+    """Whether a variable named `name` (its own name, the last part of its
+    path) is a bias: ``bias`` or ``*_bias``. Biases are never projected,
+    whatever their rank (an EinsumDense bias is ``(heads, head_dim)``): in
+    PyTorch every bias is 1-D and the reference never projects one."""
+    return name == "bias" or name.endswith("_bias")
+
+
 def default_channel_axes(shape, name=None):
     """The output-channel axes of a Keras variable, from static facts alone.
 
@@ -157,22 +171,65 @@ def default_channel_axes(shape, name=None):
       size 1 (depth multiplier 1, the MobileNet case) on a rank >= 3 kernel.
     * ``Embedding`` ``(vocab, dim)`` (variable name ``embeddings``): the rows,
       axis 0, since a LayerNorm after it normalises each token's vector.
+    * Biases (:func:`is_bias`) and variables of rank <= 1: never projected.
+
+    Shape and name cannot tell a ``Conv*Transpose`` kernel ``(*k, out, in)``
+    from a ``Conv`` one, nor see an ``EinsumDense`` equation or a depth
+    multiplier > 1; :func:`channel_axes_for` reads those from the layers.
 
     Args:
         shape: The variable's shape.
         name: The variable's own name (the last part of its path), or None.
 
     Returns:
-        A tuple of axes, or None for a variable of rank <= 1 (never projected).
+        A tuple of axes, or None for a variable that is never projected.
     """
     ndim = len(shape)
-    if ndim <= 1:
+    if ndim <= 1 or (name is not None and is_bias(name)):
         return None
     if name == "embeddings" and ndim == 2:
         return (0,)
     if name == "depthwise_kernel" or (ndim >= 3 and shape[-1] == 1):
         return (ndim - 2, ndim - 1)
     return (ndim - 1,)
+
+
+# Words in a variable's path that mark a kernel whose output axes the static
+# rules cannot know: a transposed convolution (its kernel is (*k, out, in)),
+# a depthwise one (depth multiplier > 1 is read as a Conv), attention and
+# EinsumDense kernels (their output axes come from an equation).
+_AMBIGUOUS_PATH_WORDS = ("transpose", "depthwise", "einsum", "attention",
+                         "query", "key", "value")
+# No Keras convolution kernel has a spatial extent above this; an
+# EinsumDense kernel (d_model, heads, head_dim) read as a Conv1D would.
+_MAX_CONV_EXTENT = 32
+
+
+def static_rule_is_a_guess(shape, path):
+    """Whether :func:`default_channel_axes` only guesses this variable's
+    grouping (its rank >= 2 and no rule is sure of it).
+
+    Sure: any rank-2 variable (a matrix ``(in, out)`` as Dense's, or
+    ``embeddings``), ``depthwise_kernel``, ``pointwise_kernel``, and a rank
+    3-5 ``kernel`` that looks like a Conv's (spatial extents <= 32, last axis
+    > 1, no word in its path that names a transposed, depthwise, attention or
+    EinsumDense layer), or a depthwise one (last axis 1, "depthwise" in its
+    path). Everything else is a guess: custom variables of rank >= 3, a
+    ``kernel`` of rank > 5, shapes a Conv cannot have, rank-3 EinsumDense-like
+    kernels, and a 1-filter Conv read as depthwise.
+    """
+    ndim = len(shape)
+    name = path.split("/")[-1]
+    if ndim <= 2 or is_bias(name):
+        return False
+    if name in ("depthwise_kernel", "pointwise_kernel"):
+        return False
+    if name != "kernel" or ndim > 5:
+        return True
+    words = [w for w in _AMBIGUOUS_PATH_WORDS if w in path.lower()]
+    if shape[-1] == 1:
+        return words != ["depthwise"]
+    return bool(words) or any(d > _MAX_CONV_EXTENT for d in shape[:-2])
 
 
 def validate_channel_axes(channel_axes):
@@ -215,7 +272,8 @@ def validate_channel_axes(channel_axes):
     return clean
 
 
-def resolve_channel_axes(variables, channel_axes=None):
+def resolve_channel_axes(variables, channel_axes=None, warn=True,
+                         owner=None):
     """The layout of each variable: the override if a pattern matches, else
     :func:`default_channel_axes`.
 
@@ -223,47 +281,79 @@ def resolve_channel_axes(variables, channel_axes=None):
         variables: The variables the optimizer is built on.
         channel_axes: ``{pattern: axes}``; a pattern is a regular expression
             searched (``re.search``) in the variable's path, the first matching
-            pattern wins.
+            pattern wins. Biases (:func:`is_bias`) are never matched: they are
+            never projected.
+        warn: Emit the warnings below (one of each kind at most).
+        owner: Who asks (e.g. an optimizer's class name), for the warnings.
 
     Returns:
-        A list with, per variable, a :class:`ChannelLayout` or None (rank <= 1:
-        never projected).
+        A list with, per variable, a :class:`ChannelLayout` or None (rank <= 1
+        or a bias: never projected).
+
+    Warns:
+        UserWarning: once, naming the variables whose grouping the static
+            rules only guess (:func:`static_rule_is_a_guess`) and no pattern
+            covers, and the fix (:func:`channel_axes_for`). Once, naming the
+            patterns that match none of `variables`: they are ignored. When
+            fine-tuning, the layers a pattern names may be frozen, and an
+            optimizer is built on the trainable variables only, so such a
+            pattern cannot be told from a typo; the warning lists the
+            variables it could have matched.
 
     Raises:
-        ValueError: if a pattern matches no variable of rank >= 2, or its axes
-            do not fit a variable it matches (the message names both).
+        ValueError: if a pattern's axes do not fit a variable it matches (the
+            message names both).
     """
     channel_axes = channel_axes or {}
+    compiled = [(p, re.compile(p), axes) for p, axes in channel_axes.items()]
     used = set()
+    guessed = []
     layouts = []
     for variable in variables:
         shape = tuple(variable.shape)
         path = variable_path(variable)
-        if len(shape) <= 1:
+        if len(shape) <= 1 or is_bias(path.split("/")[-1]):
             layouts.append(None)
             continue
         axes = None
-        for pattern, pattern_axes in channel_axes.items():
-            if re.search(pattern, path):
+        for pattern, regex, pattern_axes in compiled:
+            if regex.search(path):
                 axes = pattern_axes
                 used.add(pattern)
                 break
         if axes is None:
             axes = default_channel_axes(shape, path.split("/")[-1])
+            if static_rule_is_a_guess(shape, path):
+                guessed.append(f"'{path}' {shape} -> axes {axes}")
         try:
             layouts.append(ChannelLayout.create(shape, axes))
         except ValueError as error:
             raise ValueError(f"Variable '{path}': {error}") from None
+    who = f"{owner}: " if owner else ""
     unused = [p for p in channel_axes if p not in used]
-    if unused:
+    if unused and warn:
         known = ", ".join(
             f"'{variable_path(v)}' {tuple(v.shape)}"
-            for v in variables
-            if len(v.shape) > 1
+            for v, layout in zip(variables, layouts)
+            if layout is not None
         )
-        raise ValueError(
-            f"`channel_axes` pattern(s) {unused} match no variable of rank >= 2. "
-            f"Variables: {known or 'none'}."
+        warnings.warn(
+            f"{who}`channel_axes` pattern(s) {unused} match no variable of "
+            f"rank >= 2 being trained (biases never match); they are ignored. "
+            f"Expected when their layers are frozen; otherwise check them "
+            f"against the variables: {known or 'none'}.",
+            stacklevel=3,
+        )
+    if guessed and warn:
+        warnings.warn(
+            f"{who}the output channels of {len(guessed)} variable(s) are "
+            f"guessed from their shape and name, which cannot tell a "
+            f"Conv*Transpose, an EinsumDense or attention kernel, a depth "
+            f"multiplier or a custom layer apart: {'; '.join(guessed)}. To "
+            f"take them from the layers, pass "
+            f"`channel_axes=keras_adamp.channel_axes_for(model)` (or name "
+            f"their axes in `channel_axes`).",
+            stacklevel=3,
         )
     return layouts
 
@@ -271,3 +361,180 @@ def resolve_channel_axes(variables, channel_axes=None):
 def variable_path(variable):
     path = getattr(variable, "path", None) or variable.name
     return path[:-2] if path.endswith(":0") else path
+
+
+def channel_axes_for(model):
+    """The output-channel axes of every trainable variable of `model`, taken
+    from the layer that owns it, as a ``channel_axes`` override::
+
+        optimizer = keras_adamp.AdamP(channel_axes=keras_adamp.channel_axes_for(model))
+
+    The layer tree is walked (``Model.layers``, and the layers a layer holds
+    as attributes, so Sequential, functional, subclassed and nested models and
+    keras-hub backbones alike) and each variable is matched to its owner by
+    identity. Rules, from the layer's type and config:
+
+    * ``Dense``, ``Conv1D/2D/3D`` (any ``groups``), RNN cells (``kernel``,
+      ``recurrent_kernel``), ``SeparableConv*`` ``pointwise_kernel``: last axis.
+    * ``Conv1D/2D/3DTranspose`` ``(*k, out, in)``: axis -2, the output channel
+      (the reference groups torch's ``(in, out, *k)`` weight by *input*
+      channel: a documented difference).
+    * ``DepthwiseConv1D/2D`` ``kernel`` and ``SeparableConv*``
+      ``depthwise_kernel`` ``(*k, C, M)``: the last two axes, any depth
+      multiplier.
+    * ``EinsumDense`` (so ``MultiHeadAttention`` and the attention layers
+      built from it): the kernel axes whose letters appear in the equation's
+      output, e.g. ``abc,cde->abde`` gives ``(1, 2)``, ``btd,ndh->btnh``
+      gives ``(0, 2)``.
+    * ``Embedding`` ``embeddings``: axis 0.
+    * Biases and variables of rank <= 1: left out (never projected).
+
+    Variables of other layers get :func:`default_channel_axes`, with one
+    warning naming them.
+
+    Returns:
+        A dict ``{"^<escaped path>$": [axes]}``, one entry per trainable
+        variable of rank >= 2 that is not a bias, in
+        ``model.trainable_variables`` order: JSON-serializable, so it is
+        stored in the optimizer's config and survives ``.keras`` saving.
+
+    Raises:
+        ValueError: if two trainable variables share a path but not their
+            axes (a path pattern cannot tell them apart: rename a layer).
+    """
+    owners = _variable_owners(model)
+    result = {}
+    unknown = []
+    for variable in model.trainable_variables:
+        shape = tuple(variable.shape)
+        path = variable_path(variable)
+        name = path.split("/")[-1]
+        if len(shape) <= 1 or is_bias(name):
+            continue
+        owner = owners.get(id(variable), model)
+        axes = _layer_channel_axes(owner, name, len(shape))
+        if axes is None:
+            axes = default_channel_axes(shape, name)
+            unknown.append(f"'{path}' {shape} of {type(owner).__name__}")
+        key = "^" + re.escape(path) + "$"
+        if key in result and tuple(result[key]) != tuple(axes):
+            raise ValueError(
+                f"Two trainable variables share the path '{path}' but not "
+                f"their output axes ({tuple(result[key])} and {tuple(axes)}): "
+                f"a `channel_axes` pattern cannot tell them apart. Give their "
+                f"layers distinct names."
+            )
+        result[key] = list(axes)
+    if unknown:
+        warnings.warn(
+            f"channel_axes_for: no rule for {len(unknown)} variable(s) of "
+            f"layers that are not Keras layers with a kernel; grouped by the "
+            f"static rules (keras_adamp.layouts.default_channel_axes): "
+            f"{'; '.join(unknown)}. Edit their entries if their output "
+            f"channels are elsewhere.",
+            stacklevel=2,
+        )
+    return result
+
+
+def _sublayers(layer):
+    """The layers `layer` holds: ``Model.layers`` (public) and layer-valued
+    attributes, lists, tuples and dicts (how Keras tracks sublayers)."""
+    found = list(layer.layers) if isinstance(layer, keras.Model) else []
+    for value in vars(layer).values():
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, keras.layers.Layer))
+        elif isinstance(value, keras.layers.Layer):
+            found.append(value)
+    return found
+
+
+def _variable_owners(model):
+    """``{id(variable): layer}``: the deepest layer holding each variable.
+
+    Layers are visited children first, and a variable goes to the first
+    layer whose ``weights`` contain it, so a parent never claims its
+    sublayers' variables.
+    """
+    owners = {}
+    visited = set()
+
+    def visit(layer):
+        if id(layer) in visited:
+            return
+        visited.add(id(layer))
+        for child in _sublayers(layer):
+            visit(child)
+        for variable in layer.weights:
+            owners.setdefault(id(variable), layer)
+
+    visit(model)
+    return owners
+
+
+def _einsum_output_axes(equation, ndim):
+    """The kernel axes of an EinsumDense `equation` whose letters appear in
+    its output, or None if the equation does not read as one."""
+    match = re.fullmatch(r"\s*([\w.]+)\s*,\s*(\w+)\s*->\s*([\w.]+)\s*", equation)
+    if match is None or len(match.group(2)) != ndim:
+        return None
+    kernel, output = match.group(2), match.group(3)
+    return tuple(i for i, letter in enumerate(kernel) if letter in output)
+
+
+def _layer_channel_axes(layer, name, ndim):
+    """The output axes of `layer`'s variable `name` (of rank `ndim`), from the
+    layer's type and config; None if no rule knows it."""
+    last, two_last = (ndim - 1,), (ndim - 2, ndim - 1)
+    layers = keras.layers
+    if isinstance(layer, layers.EinsumDense):
+        if name == "kernel":
+            return _einsum_output_axes(layer.equation, ndim)
+        return None
+    rules = (
+        ((layers.Conv1DTranspose, layers.Conv2DTranspose,
+          layers.Conv3DTranspose), {"kernel": (ndim - 2,)}),
+        ((layers.DepthwiseConv1D, layers.DepthwiseConv2D),
+         {"kernel": two_last}),
+        ((layers.SeparableConv1D, layers.SeparableConv2D),
+         {"depthwise_kernel": two_last, "pointwise_kernel": last}),
+        ((layers.Dense, layers.Conv1D, layers.Conv2D, layers.Conv3D),
+         {"kernel": last}),
+        ((layers.Embedding,), {"embeddings": (0,)}),
+        ((layers.SimpleRNNCell, layers.LSTMCell, layers.GRUCell),
+         {"kernel": last, "recurrent_kernel": last}),
+    )
+    for classes, by_name in rules:
+        if isinstance(layer, classes):
+            return by_name.get(name)
+    # ConvLSTM1D/2D/3D's cell is not exported: (*k, in, 4 * filters).
+    if type(layer).__name__ == "ConvLSTMCell" and name in (
+        "kernel", "recurrent_kernel"
+    ):
+        return last
+    return None
+
+
+def channel_layout(optimizer, variable):
+    """The :class:`ChannelLayout` `optimizer` uses for `variable` (None: never
+    projected).
+
+    `optimizer` is an AdamP/SGDP (or any optimizer with a ``channel_layout``
+    method), or a ``LossScaleOptimizer`` wrapping one (``compile`` wraps the
+    optimizer in one under ``mixed_float16``).
+
+    Raises:
+        ValueError: for another optimizer, or a variable the built optimizer
+            was not built on.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    method = getattr(inner, "channel_layout", None)
+    if method is None:
+        raise ValueError(
+            f"{type(inner).__name__} groups no variable by output channel: "
+            f"channel layouts are those of keras_adamp's optimizers (AdamP, "
+            f"SGDP), or of a LossScaleOptimizer wrapping one."
+        )
+    return method(variable)

@@ -139,3 +139,22 @@ def test_values_reach_tensorboard(tmp_path):
     content = b"".join(open(f, "rb").read() for f in events)
     assert b"epoch_scale_invariant_norm" in content
     assert b"epoch_scale_invariant_effective_step" in content
+
+
+def test_detection_under_mixed_float16_tracks_what_float32_would():
+    # The monitor's detection is the report's: under a LossScaleOptimizer the
+    # loss is scaled, so the kernel whose float16 gradient underflows is not
+    # mistaken for a scale-invariant one.
+    from test_diagnostics import residual_batch
+    from test_diagnostics import residual_model
+
+    x, y = residual_batch()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = residual_model()
+        monitor = ScaleInvariantNormMonitor(data=(x, y))
+        monitor.set_model(model)
+        monitor.on_train_begin()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert monitor.tracked_paths == ["main/kernel"]

@@ -138,3 +138,119 @@ def test_gradients_are_the_losses():
         loss=lambda y_true, y_pred: ops.sum(ops.square(y_pred), axis=-1) / 2,
     )
     np.testing.assert_allclose(ops.convert_to_numpy(g), x.T @ (x @ w) / 4, rtol=1e-5)
+
+
+def test_report_decisions_are_the_optimizers_test():
+    # The report's decision (compiled on JAX) equals projection.scale_invariance,
+    # on gradients forcing each branch.
+    from keras_adamp import projection
+
+    model = _model()
+    rng = np.random.default_rng(2)
+    grads = []
+    for v in model.trainable_variables:
+        w = ops.convert_to_numpy(v.value)
+        r = rng.standard_normal(w.shape).astype("float32")
+        if v.path.startswith("conv"):  # orthogonal per output channel
+            r = r - w * (r * w).sum((0, 1, 2)) / (w * w).sum((0, 1, 2))
+        elif v.path.startswith("hidden"):  # orthogonal to the whole tensor
+            r = r - w * (r * w).sum() / (w * w).sum()
+        grads.append(r)
+    rows = diagnostics.scale_invariance_report(model, None, None, gradients=grads)
+    optimizer = model.optimizer
+    optimizer.build(model.trainable_variables)
+    decided = []
+    for v, g, row in zip(model.trainable_variables, grads, rows):
+        layout = optimizer.channel_layout(v)
+        if layout is None:
+            continue
+        code = int(ops.convert_to_numpy(projection.scale_invariance(
+            v.value, g, layout, optimizer.delta, optimizer.epsilon)))
+        decided.append(row.decision)
+        assert diagnostics._DECISIONS[code] == row.decision, row.path
+    assert sorted(decided) == sorted(
+        [diagnostics.CHANNEL_WISE, diagnostics.LAYER_WISE, diagnostics.NOT_PROJECTED]
+    )
+
+
+def test_unet_transposed_kernels_are_channel_wise_with_channel_axes_for():
+    from test_layouts import unet
+
+    model = unet()
+    model.compile(loss="mse", optimizer=keras_adamp.AdamP(
+        channel_axes=keras_adamp.channel_axes_for(model)))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 8, 8, 3)).astype("float32")
+    y = rng.normal(size=(4, 8, 8, 2)).astype("float32")
+    grads = diagnostics.compute_gradients(model, x, y)
+    rows = {r.path: r for r in diagnostics.scale_invariance_report(
+        model, None, None, gradients=grads)}
+    for name in ("down1", "down2", "up", "fuse"):  # each followed by BatchNorm
+        assert rows[f"{name}/kernel"].decision == diagnostics.CHANNEL_WISE, name
+    assert rows["up/kernel"].channel_axes == (2,)
+    # Grouped by input channel (the static rules), the test fails per channel.
+    static = diagnostics.scale_invariance_report(
+        model, None, None, gradients=grads,
+        optimizer=keras_adamp.AdamP(channel_axes={"up/kernel": [3]}))
+    up = next(r for r in static if r.path == "up/kernel")
+    assert up.decision != diagnostics.CHANNEL_WISE
+    assert up.max_channel_cos > up.channel_threshold
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def residual_model(seed=3):
+    """A kernel on a residual branch scaled by 1e-7: its float16 gradient
+    underflows to 0 unless the loss is scaled. And a LayerNorm'ed kernel
+    (layer-wise scale-invariant)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8,))
+    main = layers.LayerNormalization(name="ln")(
+        layers.Dense(8, use_bias=False, name="main")(inputs))
+    tiny = layers.Rescaling(1e-7)(layers.Dense(8, use_bias=False, name="tiny")(inputs))
+    x = layers.Add()([main, tiny])
+    outputs = layers.Dense(3, name="head", dtype="float32")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        optimizer=keras_adamp.AdamP(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def residual_batch():
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(16, 8)).astype("float32"),
+            rng.integers(0, 3, 16).astype("int32"))
+
+
+def test_mixed_float16_report_gives_the_float32_decision(mixed_float16):
+    x, y = residual_batch()
+    keras.config.set_dtype_policy("float32")
+    reference = residual_model()
+    expected = {r.path: r.decision
+                for r in diagnostics.scale_invariance_report(reference, x, y)}
+    keras.config.set_dtype_policy("mixed_float16")
+    model = residual_model()
+    model.set_weights(reference.get_weights())
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    rows = {r.path: r.decision for r in diagnostics.scale_invariance_report(model, x, y)}
+    assert expected["tiny/kernel"] == diagnostics.NOT_PROJECTED
+    assert expected["main/kernel"] == diagnostics.LAYER_WISE
+    assert rows == expected
+    # Without the loss scale, float16 flushes that gradient to 0, which
+    # passes for scale invariance: what the report used to say.
+    unscaled = diagnostics.compute_gradients(
+        model, x, y, optimizer=keras_adamp.AdamP())
+    index = [v.path for v in model.trainable_variables].index("tiny/kernel")
+    assert not np.any(ops.convert_to_numpy(unscaled[index]))
+    naive = {r.path: r.decision for r in diagnostics.scale_invariance_report(
+        model, None, None, gradients=unscaled)}
+    assert naive["tiny/kernel"] == diagnostics.CHANNEL_WISE
