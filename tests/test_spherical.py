@@ -232,12 +232,14 @@ def test_invalid_argument_raises_value_error_naming_it(cls, kwargs, name):
         cls(**kwargs)
 
 
-def test_designation_that_fits_no_variable_raises_at_build():
+def test_designation_that_fits_no_variable_raises_at_build_and_an_unused_override_warns():
     with pytest.raises(ValueError, match="`spherical`.*matches no variable"):
         AdamSRT(spherical="conv").build(_variables())
     with pytest.raises(ValueError, match="`spherical`.*bool"):
         AdamSRT(spherical=lambda v: v.path).build(_variables())
-    with pytest.raises(ValueError, match="`channel_axes`"):
+    # As for AdamP: a `channel_axes` pattern that matches nothing being
+    # trained (a frozen layer when fine-tuning) is ignored with a warning.
+    with pytest.warns(UserWarning, match="`channel_axes`.*'conv'.*ignored"):
         AdamSRT(spherical="kernel", channel_axes={"conv": []}).build(_variables())
 
 
