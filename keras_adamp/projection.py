@@ -114,34 +114,79 @@ def _channel_sums(w, g, u, layout):
     return ops.stack(sums)
 
 
-def _decide(sums, layout, delta, eps):
-    """The test, on the stacked channel sums `(n, C)`.
+def _decide(layouts, sums, delta, eps):
+    """The test for several variables at once, on their stacked channel sums.
 
-    The layer-level sums are sums of the channel sums (no second pass), kept
-    as one more column, so that the cosines and the projection coefficients of
-    both views are one set of small ops on `(C + 1,)` rows.
+    The channel sums of all variables are laid side by side, then one layer
+    column per variable (the sum of its channel sums: no second pass over the
+    variable), so that the cosines and the projection coefficients of every
+    view of every variable are one set of small ops on ``N + V`` columns
+    (``N`` channels in all, ``V`` variables) instead of one set per variable.
+
+    Args:
+        layouts: The variables' :class:`ChannelLayout`.
+        sums: Per variable, its `_channel_sums` `(n, num_channels)`, all of
+            one dtype.
 
     Returns:
-        ``(channel_wise, layer_wise, cols, norm_w)``: two scalar booleans, the
-        sums with the layer column appended, and ``sqrt(<w,w>)`` per column.
+        ``(channel_wise, layer_wise, cols, norm_w)``: booleans of shape
+        ``(V,)``, the `(n, N + V)` columns and ``sqrt(<w,w>)`` per column.
     """
-    cols, norm_w, cos = _columns(sums, eps)
-    channels = layout.num_channels
-    channel_wise = ops.max(cos[:channels]) < delta / math.sqrt(layout.group_size)
-    layer_wise = cos[channels] < delta / math.sqrt(layout.numel)
+    channels = sum(layout.num_channels for layout in layouts)
+    layer = [ops.sum(s, axis=1, keepdims=True) for s in sums]
+    cols = ops.concatenate(sums + layer, axis=1)
+    norm_w, cos = _columns(cols, eps)
+    passes = cos < ops.convert_to_tensor(
+        _thresholds(tuple(layouts), delta), dtype=cos.dtype
+    )
+    layer_wise = passes[channels:]
+    if len(layouts) == 1:
+        channel_wise = ops.expand_dims(ops.all(passes[:channels]), 0)
+    else:
+        # Failing channels per variable, as differences of a running count
+        # over all channels (exact: whole numbers far below 2**24).
+        fails = ops.cumsum(ops.cast(ops.logical_not(passes[:channels]), "float32"))
+        fails = ops.pad(fails, [(1, 0)])
+        ends = _boundaries(tuple(layouts))
+        channel_wise = ops.equal(ops.take(fails, ends[1:]), ops.take(fails, ends[:-1]))
     return channel_wise, layer_wise, cols, norm_w
 
 
-def _columns(sums, eps):
-    """The stacked channel sums with the layer-level column appended, ||w|| and
-    |cos(g, w)| per column (as torch.nn.functional.cosine_similarity: each
-    norm clamped below at eps)."""
-    cols = ops.concatenate([sums, ops.sum(sums, axis=1, keepdims=True)], axis=1)
+@functools.lru_cache(maxsize=64)
+def _thresholds(layouts, delta):
+    """The test's threshold per column of `_decide`: ``delta / sqrt(group
+    size)`` for each channel, then ``delta / sqrt(numel)`` per variable."""
+    channel = [
+        delta / math.sqrt(layout.group_size)
+        for layout in layouts
+        for _ in range(layout.num_channels)
+    ]
+    return channel + [delta / math.sqrt(layout.numel) for layout in layouts]
+
+
+@functools.lru_cache(maxsize=64)
+def _boundaries(layouts):
+    """Where each variable's channels start among all channels, and the end."""
+    ends = [0]
+    for layout in layouts:
+        ends.append(ends[-1] + layout.num_channels)
+    return ends
+
+
+@functools.lru_cache(maxsize=64)
+def _owners(layouts):
+    """The index of the variable each channel column belongs to."""
+    return [v for v, layout in enumerate(layouts) for _ in range(layout.num_channels)]
+
+
+def _columns(cols, eps):
+    """||w|| and |cos(g, w)| per column of the sums `(n, columns)` (as
+    torch.nn.functional.cosine_similarity: each norm clamped below at eps)."""
     norm_w = ops.sqrt(cols[2])
     cos = ops.abs(cols[0]) / (
         ops.maximum(ops.sqrt(cols[1]), eps) * ops.maximum(norm_w, eps)
     )
-    return cols, norm_w, cos
+    return norm_w, cos
 
 
 def _is_low_precision(dtype):
@@ -185,12 +230,15 @@ def project(w, g, u, layout, delta, wd_ratio, eps):
         ``(u_projected, decay_ratio)``: the update, of `u`'s shape and dtype, and
         a scalar, `wd_ratio` if a view passed the test else 1.
     """
-    dtype = u.dtype
-    w, g, u_view = _views(layout, dtype, w, g, u)
-    coef, ratio = _coefficients(w, g, u_view, layout, delta, wd_ratio, eps)
-    u_view = u_view - w * coef
-    u = ops.cast(ops.reshape(u_view, layout.shape), dtype)
-    return u, ops.cast(ratio, dtype)
+    coef, ratio = radial_coefficients(w, g, u, layout, delta, wd_ratio, eps)
+    return remove_radial(w, u, coef, layout), ops.cast(ratio, u.dtype)
+
+
+def remove_radial(w, u, coef, layout):
+    """``u - w * coef`` per channel, of `u`'s shape and dtype (computed in
+    float32 for 16-bit `u`), for `coef` from :func:`coefficients`."""
+    w, u_view = _views(layout, u.dtype, w, u)
+    return ops.cast(ops.reshape(u_view - w * coef, layout.shape), u.dtype)
 
 
 def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
@@ -204,30 +252,58 @@ def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
         final update (``w * (decay + step * coef) - step * u``) and save two
         full-size passes when ops are not fused.
     """
-    w, g, u_view = _views(layout, u.dtype, w, g, u)
-    return _coefficients(w, g, u_view, layout, delta, wd_ratio, eps)
+    sums = channel_sums(w, g, u, layout)
+    [result] = coefficients([layout], [sums], delta, wd_ratio, eps)
+    return result
 
 
-def _coefficients(w, g, u_view, layout, delta, wd_ratio, eps):
-    sums = _channel_sums(w, g, u_view, layout)
-    channel_wise, layer_wise, cols, norm_w = _decide(sums, layout, delta, eps)
+def channel_sums(w, g, u, layout):
+    """The per-channel <g,w>, <g,g>, <w,w>, <w,u> of one variable, `(4, C)`
+    (float32 for 16-bit `u`): all :func:`coefficients` needs of it."""
+    return _channel_sums(*_views(layout, u.dtype, w, g, u), layout)
 
-    # <w,u> / (||w|| + eps)^2 per channel, and for the layer in the last column.
+
+def coefficients(layouts, sums, delta, wd_ratio, eps):
+    """The projection of several variables decided in one set of small ops.
+
+    Args:
+        layouts: Per variable, its :class:`ChannelLayout`.
+        sums: Per variable, its :func:`channel_sums`, all of one dtype.
+
+    Returns:
+        Per variable, ``(coef, decay_ratio)`` as :func:`radial_coefficients`.
+    """
+    layouts = tuple(layouts)
+    channel_wise, layer_wise, cols, norm_w = _decide(layouts, sums, delta, eps)
+    channels = len(_owners(layouts))
+    # <w,u> / (||w|| + eps)^2 per channel, then per variable for the layer.
     coefs = cols[3] / ops.square(norm_w + eps)
-    channels = layout.num_channels
-    # coef = channel coefs if channel_wise else (layer coef if layer_wise else 0)
-    coef = ops.where(
-        channel_wise,
-        coefs[:channels],
-        ops.where(layer_wise, coefs[channels], ops.zeros_like(coefs[channels])),
+    layer = ops.where(
+        ops.logical_and(layer_wise, ops.logical_not(channel_wise)),
+        coefs[channels:],
+        ops.zeros_like(coefs[channels:]),
     )
+    # coef = channel coefs if channel_wise else (layer coef if layer_wise else 0)
+    if len(layouts) == 1:
+        coef = ops.where(channel_wise, coefs[:channels], layer)
+    else:
+        owners = _owners(layouts)
+        coef = ops.where(
+            ops.take(channel_wise, owners), coefs[:channels], ops.take(layer, owners)
+        )
     # ratio = wd_ratio if projected else 1
     ratio = ops.where(
         ops.logical_or(channel_wise, layer_wise),
-        ops.cast(wd_ratio, u_view.dtype),
-        ops.cast(1.0, u_view.dtype),
+        ops.cast(wd_ratio, cols.dtype),
+        ops.cast(1.0, cols.dtype),
     )
-    return layout.per_element(coef), ratio
+    if len(layouts) == 1:
+        return [(layouts[0].per_element(coef), ratio[0])]
+    coef = ops.split(coef, _boundaries(layouts)[1:-1])
+    ratio = ops.unstack(ratio, num=len(layouts))
+    return [
+        (layout.per_element(c), r) for layout, c, r in zip(layouts, coef, ratio)
+    ]
 
 
 def scale_invariance(w, g, layout, delta, eps):
@@ -239,12 +315,12 @@ def scale_invariance(w, g, layout, delta, eps):
     """
     w, g = _views(layout, w.dtype, w, g)
     sums = _channel_sums(w, g, None, layout)
-    channel_wise, layer_wise, _, _ = _decide(sums, layout, delta, eps)
+    channel_wise, layer_wise, _, _ = _decide((layout,), [sums], delta, eps)
     # CHANNEL_WISE if channel_wise else LAYER_WISE if layer_wise else NOT_PROJECTED
     return ops.where(
-        channel_wise,
+        channel_wise[0],
         CHANNEL_WISE,
-        ops.where(layer_wise, LAYER_WISE, NOT_PROJECTED),
+        ops.where(layer_wise[0], LAYER_WISE, NOT_PROJECTED),
     )
 
 
@@ -257,5 +333,7 @@ def cosines(w, g, layout, eps):
         the optimizer computes them (float32 for 16-bit variables).
     """
     w, g = _views(layout, w.dtype, w, g)
-    _, _, cos = _columns(_channel_sums(w, g, None, layout), eps)
+    sums = _channel_sums(w, g, None, layout)
+    cols = ops.concatenate([sums, ops.sum(sums, axis=1, keepdims=True)], axis=1)
+    _, cos = _columns(cols, eps)
     return cos[: layout.num_channels], cos[layout.num_channels]
