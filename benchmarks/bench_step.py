@@ -9,7 +9,10 @@ random gradients), compiled as the backend compiles a training step:
 
 Configurations are timed in interleaved rounds (every configuration once per
 round, in turn), so that load from other processes hits all of them alike; the
-medians of the per-round step times and their ratios are printed. With torch and
+medians of the per-round step times and their ratios are printed, with the
+first call of each (trace and compile) and the size of the compiled program
+(TensorFlow: ops in the `tf.function` graph; JAX: equations of the jaxpr),
+which is what compile time grows with. With torch and
 the official `adamp` installed, torch's `adamp.AdamP`/`adamp.SGDP` and
 `torch.optim.AdamW`/`SGD` step the same shapes (PyTorch layout) in the same run.
 
@@ -24,7 +27,7 @@ import argparse
 import os
 import statistics
 
-from _common import machine, select_backend, time_rounds, write_json
+from _common import machine, ratio_table, select_backend, time_rounds, write_json
 
 
 def parse_args(argv=None):
@@ -175,9 +178,12 @@ def built_optimizers(specs, weights):
 
 
 def tf_steppers(specs, weights, grads, jit):
+    """({name: run one step}, {name: graph op count, after the first run},
+    slots)."""
     import tensorflow as tf
 
     steppers = {}
+    sizes = {}
     slots = {}
     tf_grads = [tf.constant(g) for g in grads]
     for name, optimizer, variables, slots[name] in built_optimizers(
@@ -188,14 +194,21 @@ def tf_steppers(specs, weights, grads, jit):
         def run(fn=fn):
             fn(tf_grads).numpy()  # blocks until done
 
+        def size(fn=fn):
+            graph = fn.get_concrete_function(tf_grads).graph  # no new trace
+            return len(graph.get_operations())
+
         steppers[name] = run
-    return steppers, slots
+        sizes[name] = size
+    return steppers, sizes, slots
 
 
 def jax_steppers(specs, weights, grads):
+    """As `tf_steppers`; the size is the number of equations of the jaxpr."""
     import jax
 
     steppers = {}
+    sizes = {}
     slots = {}
     jax_grads = [jax.numpy.asarray(g) for g in grads]
     for name, optimizer, variables, slots[name] in built_optimizers(
@@ -212,8 +225,15 @@ def jax_steppers(specs, weights, grads):
             state["train"], state["opt"] = train, opt
             jax.block_until_ready(train)
 
+        def size(optimizer=optimizer, state=state):
+            jaxpr = jax.make_jaxpr(optimizer.stateless_apply)(
+                state["opt"], jax_grads, state["train"]
+            )
+            return len(jaxpr.jaxpr.eqns)
+
         steppers[name] = run
-    return steppers, slots
+        sizes[name] = size
+    return steppers, sizes, slots
 
 
 def torch_layout(shape):
@@ -293,6 +313,7 @@ def main(args):
     result = {"machine": machine(), "model": args.model, "variables": len(specs),
               "parameters": numel, "rounds": args.rounds, "steps": args.steps}
     steppers = {}
+    sizes = {}
     slots = None
     if args.backend == "tensorflow":
         modes = [("xla", True), ("no-xla", False)]
@@ -301,10 +322,12 @@ def main(args):
         if args.only_xla:
             modes = [("xla", True)]
         for mode, jit in modes:
-            s, slots = tf_steppers(specs, weights, grads, jit)
+            s, z, slots = tf_steppers(specs, weights, grads, jit)
             steppers.update({f"{n} [{mode}]": f for n, f in s.items()})
+            if mode == modes[0][0]:  # the same graph in both modes
+                sizes.update(z)
     else:
-        s, slots = jax_steppers(specs, weights, grads)
+        s, sizes, slots = jax_steppers(specs, weights, grads)
         steppers.update({f"{n} [xla]": f for n, f in s.items()})
     if not args.no_torch:
         s, info = torch_steppers(specs, weights, grads, args.torch_threads)
@@ -312,7 +335,21 @@ def main(args):
         result["torch"] = info
     result["slots"] = slots
 
-    times = time_rounds(steppers, args.rounds, args.steps, args.warmup)
+    times, first = time_rounds(steppers, args.rounds, args.steps, args.warmup)
+    sizes = {n: size() for n, size in sizes.items()}
+    result["graph_ops" if args.backend == "tensorflow" else "jaxpr_eqns"] = sizes
+    result["first_call_s"] = first
+    print("\nprogram size (TensorFlow graph ops / jaxpr equations):")
+    for n, z in sizes.items():
+        print(f"  {n:<22} {z:9d}")
+    result["size_ratios"] = ratio_table(sizes, PAIRS, "size ratios")
+    print("first call (trace + compile), s:")
+    for n, t in first.items():
+        print(f"  {n:<22} {t:9.2f}")
+    result["first_call_ratios"] = ratio_table(first, PAIRS, "first-call ratios")
+    if not args.rounds:
+        write_json(args.json, result)
+        return result
     medians = {n: statistics.median(t) for n, t in times.items()}
     result["median_ms"] = {n: 1e3 * t for n, t in medians.items()}
     result["times_ms"] = {n: [1e3 * x for x in t] for n, t in times.items()}

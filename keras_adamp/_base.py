@@ -232,10 +232,11 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
             if fold:
                 scale = 1.0 + step * coef
                 if self._decays(variable):
-                    scale = scale - lr * (self.weight_decay * decay_scale) * ratio
-                w = ops.reshape(variable, layout.view)
-                u = ops.reshape(update, layout.view)
-                self.assign(variable, ops.reshape(w * scale - step * u, layout.shape))
+                    scale = scale - self._decay_rate(lr, decay_scale) * ratio
+                self.assign(variable, projection.per_channel(
+                    lambda w, u, s: w * s - step * u, scale, layout,
+                    variable, update,
+                ))
                 return
             u = projection.remove_radial(variable, update, coef, layout)
             ratio = ops.cast(ratio, u.dtype)
@@ -254,10 +255,20 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
         finish(coef, ratio)
 
     def _decayed(self, index, variable, lr, ratio, scale=1.0):
-        """w * (1 - lr * weight_decay * ratio * scale), or w if not decayed."""
+        """w * (1 - lr * weight_decay * scale * ratio), or w if not decayed."""
         if not self._decays(variable):
             return variable
-        return variable * (1.0 - lr * (self.weight_decay * scale) * ratio)
+        rate = self._decay_rate(lr, scale)
+        if not (isinstance(ratio, float) and ratio == 1.0):
+            rate = rate * ratio
+        return variable * (1.0 - rate)
+
+    def _decay_rate(self, lr, scale):
+        """lr * weight_decay * scale, once per step and dtype."""
+        return self._per_step(
+            ("decay", lr.dtype, scale),
+            lambda: lr * (self.weight_decay * scale),
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -71,9 +71,16 @@ def _block_count(layout):
     return next((k for k in _BLOCKS if rows % k == 0 and rows >= 8 * k), 1)
 
 
+def _reshaped(x, shape):
+    if x is None or tuple(x.shape) == tuple(shape):
+        return x
+    return ops.reshape(x, shape)
+
+
 def _channel_sums(w, g, u, layout):
     """Per-channel <g,w>, <g,g>, <w,w> and, if `u` is given, <w,u>, stacked into
-    one `(3 or 4, num_channels)` tensor.
+    one `(3 or 4, num_channels)` tensor, for tensors of the variable's shape
+    or of `layout.view`.
 
     Stacking keeps the small decision math to a few ops on one tensor, and the
     layer-level sums are taken from it (a sum over its last axis) rather than
@@ -90,23 +97,23 @@ def _channel_sums(w, g, u, layout):
     sums, added in a different order. (Stacking the pairs' block sums into
     one loop, or more than 4 blocks, measured slower.)
     """
+    k = _block_count(layout)
+    if k == 1:
+        w, g, u = (_reshaped(x, layout.view) for x in (w, g, u))
+    else:
+        shape = (k, layout.view[0] // k, layout.num_channels)
+        # A list of k slices each: x[0], ..., x[k-1].
+        w, g, u = (
+            None if x is None else ops.unstack(_reshaped(x, shape), num=k, axis=0)
+            for x in (w, g, u)
+        )
     pairs = [(g, w), (g, g), (w, w)]
     if u is not None:
         pairs.append((w, u))
-    k = _block_count(layout)
     if k == 1:
         return ops.stack([layout.group_sum(a * b) for a, b in pairs])
-    shape = (k, layout.view[0] // k, layout.num_channels)
-    blocks = {}
-
-    def split(x):
-        if id(x) not in blocks:
-            blocks[id(x)] = ops.unstack(ops.reshape(x, shape), num=k, axis=0)
-        return blocks[id(x)]
-
     sums = []
     for a, b in pairs:
-        a, b = split(a), split(b)
         total = a[0] * b[0]
         for i in range(1, k):
             total = total + a[i] * b[i]
@@ -193,15 +200,15 @@ def _is_low_precision(dtype):
     return keras.backend.standardize_dtype(dtype) in _LOW_PRECISION
 
 
-def _views(layout, dtype, *tensors):
-    """Each tensor reshaped to `layout.view`, in float32 if `dtype` is 16-bit.
+def _in_float32(dtype, *tensors):
+    """The tensors, in float32 if `dtype` is 16-bit.
 
     Norms and cosines of 16-bit variables are computed in float32: a float16
     <w,w> overflows at ||w|| > 256, and bfloat16 sums lose the decision.
     """
-    low = _is_low_precision(dtype)
-    views = [ops.reshape(x, layout.view) for x in tensors]
-    return [ops.cast(x, "float32") if low else x for x in views]
+    if not _is_low_precision(dtype):
+        return list(tensors)
+    return [ops.cast(x, "float32") for x in tensors]
 
 
 def project(w, g, u, layout, delta, wd_ratio, eps):
@@ -230,15 +237,45 @@ def project(w, g, u, layout, delta, wd_ratio, eps):
         ``(u_projected, decay_ratio)``: the update, of `u`'s shape and dtype, and
         a scalar, `wd_ratio` if a view passed the test else 1.
     """
-    coef, ratio = radial_coefficients(w, g, u, layout, delta, wd_ratio, eps)
+    sums = channel_sums(w, g, u, layout)
+    [(coef, ratio)] = coefficients([layout], [sums], delta, wd_ratio, eps)
     return remove_radial(w, u, coef, layout), ops.cast(ratio, u.dtype)
 
 
 def remove_radial(w, u, coef, layout):
     """``u - w * coef`` per channel, of `u`'s shape and dtype (computed in
-    float32 for 16-bit `u`), for `coef` from :func:`coefficients`."""
-    w, u_view = _views(layout, u.dtype, w, u)
-    return ops.cast(ops.reshape(u_view - w * coef, layout.shape), u.dtype)
+    float32 for 16-bit `u`), for a `(C,)` `coef` from :func:`coefficients`."""
+    dtype = u.dtype
+    w, u = _in_float32(dtype, w, u)
+    return ops.cast(per_channel(lambda w, u, c: u - w * c, coef, layout, w, u), dtype)
+
+
+def per_channel(fn, coef, layout, *tensors):
+    """``fn(*tensors, c)`` for tensors of the variable's shape, with `c` the
+    `(C,)` `coef` shaped to broadcast against them; in `layout.view` (and
+    back) only where the output axes are not the trailing ones (an
+    Embedding's rows), elsewhere on the tensors as they are (fewer ops)."""
+    shape = _trailing_channels(layout)
+    if shape is None:
+        views = [ops.reshape(x, layout.view) for x in tensors]
+        return ops.reshape(fn(*views, layout.per_element(coef)), layout.shape)
+    if tuple(coef.shape) != shape:
+        coef = ops.reshape(coef, shape)
+    return fn(*tensors, coef)
+
+
+@functools.lru_cache(maxsize=None)
+def _trailing_channels(layout):
+    """The shape a `(C,)` tensor takes to broadcast against the variable's own
+    shape, or None if its output axes are not the trailing ones."""
+    rank = len(layout.shape)
+    first = rank - len(layout.channel_axes)
+    if layout.channel_axes != tuple(range(first, rank)):
+        return None
+    shape = layout.shape[first:]
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape or (1,)
 
 
 def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
@@ -253,14 +290,14 @@ def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
         full-size passes when ops are not fused.
     """
     sums = channel_sums(w, g, u, layout)
-    [result] = coefficients([layout], [sums], delta, wd_ratio, eps)
-    return result
+    [(coef, ratio)] = coefficients([layout], [sums], delta, wd_ratio, eps)
+    return layout.per_element(coef), ratio
 
 
 def channel_sums(w, g, u, layout):
     """The per-channel <g,w>, <g,g>, <w,w>, <w,u> of one variable, `(4, C)`
     (float32 for 16-bit `u`): all :func:`coefficients` needs of it."""
-    return _channel_sums(*_views(layout, u.dtype, w, g, u), layout)
+    return _channel_sums(*_in_float32(u.dtype, w, g, u), layout)
 
 
 def coefficients(layouts, sums, delta, wd_ratio, eps):
@@ -271,7 +308,8 @@ def coefficients(layouts, sums, delta, wd_ratio, eps):
         sums: Per variable, its :func:`channel_sums`, all of one dtype.
 
     Returns:
-        Per variable, ``(coef, decay_ratio)`` as :func:`radial_coefficients`.
+        Per variable, ``(coef, decay_ratio)`` as :func:`radial_coefficients`,
+        but `coef` of shape `(num_channels,)` (see :func:`per_channel`).
     """
     layouts = tuple(layouts)
     channel_wise, layer_wise, cols, norm_w = _decide(layouts, sums, delta, eps)
@@ -298,12 +336,9 @@ def coefficients(layouts, sums, delta, wd_ratio, eps):
         ops.cast(1.0, cols.dtype),
     )
     if len(layouts) == 1:
-        return [(layouts[0].per_element(coef), ratio[0])]
+        return [(coef, ratio[0])]
     coef = ops.split(coef, _boundaries(layouts)[1:-1])
-    ratio = ops.unstack(ratio, num=len(layouts))
-    return [
-        (layout.per_element(c), r) for layout, c, r in zip(layouts, coef, ratio)
-    ]
+    return list(zip(coef, ops.unstack(ratio, num=len(layouts))))
 
 
 def scale_invariance(w, g, layout, delta, eps):
@@ -313,8 +348,7 @@ def scale_invariance(w, g, layout, delta, eps):
         An int32 scalar tensor: ``CHANNEL_WISE`` (1), ``LAYER_WISE`` (2) or
         ``NOT_PROJECTED`` (0).
     """
-    w, g = _views(layout, w.dtype, w, g)
-    sums = _channel_sums(w, g, None, layout)
+    sums = _channel_sums(*_in_float32(w.dtype, w, g), None, layout)
     channel_wise, layer_wise, _, _ = _decide((layout,), [sums], delta, eps)
     # CHANNEL_WISE if channel_wise else LAYER_WISE if layer_wise else NOT_PROJECTED
     return ops.where(
@@ -332,8 +366,7 @@ def cosines(w, g, layout, eps):
         ``(num_channels,)``, and |cos(g, w)| of the whole tensor, computed as
         the optimizer computes them (float32 for 16-bit variables).
     """
-    w, g = _views(layout, w.dtype, w, g)
-    sums = _channel_sums(w, g, None, layout)
+    sums = _channel_sums(*_in_float32(w.dtype, w, g), None, layout)
     cols = ops.concatenate([sums, ops.sum(sums, axis=1, keepdims=True)], axis=1)
     _, cos = _columns(cols, eps)
     return cos[: layout.num_channels], cos[layout.num_channels]

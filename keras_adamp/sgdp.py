@@ -125,11 +125,15 @@ class SGDP(ProjectedOptimizer):
         g = self._dense(gradient, variable)
 
         store = None
+        if self.dampening:
+            g_in = (1.0 - self.dampening) * g
+        else:
+            g_in = g
         if self.momentum == 0:
-            u = (1.0 - self.dampening) * g
+            u = g_in
         else:
             buf = self._momentums[index]
-            buf_new = self.momentum * buf + (1.0 - self.dampening) * g
+            buf_new = self.momentum * buf + g_in
             if self.nesterov:
                 self.assign(buf, buf_new)
                 u = g + self.momentum * buf_new
