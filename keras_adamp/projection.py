@@ -245,6 +245,7 @@ def project(w, g, u, layout, delta, wd_ratio, eps):
 def remove_radial(w, u, coef, layout):
     """``u - w * coef`` per channel, of `u`'s shape and dtype (computed in
     float32 for 16-bit `u`), for a `(C,)` `coef` from :func:`coefficients`."""
+    w, u = ops.convert_to_tensor(w), ops.convert_to_tensor(u)
     dtype = u.dtype
     w, u = _in_float32(dtype, w, u)
     return ops.cast(per_channel(lambda w, u, c: u - w * c, coef, layout, w, u), dtype)
@@ -297,6 +298,7 @@ def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
 def channel_sums(w, g, u, layout):
     """The per-channel <g,w>, <g,g>, <w,w>, <w,u> of one variable, `(4, C)`
     (float32 for 16-bit `u`): all :func:`coefficients` needs of it."""
+    w, g, u = (ops.convert_to_tensor(x) for x in (w, g, u))
     return _channel_sums(*_in_float32(u.dtype, w, g, u), layout)
 
 
