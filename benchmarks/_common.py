@@ -69,7 +69,10 @@ def machine():
     """Where the figures were measured."""
     import keras
 
+    import keras_adamp
+
     info = {
+        "keras_adamp": os.path.dirname(os.path.abspath(keras_adamp.__file__)),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),

@@ -206,8 +206,9 @@ def _in_float32(dtype, *tensors):
     Norms and cosines of 16-bit variables are computed in float32: a float16
     <w,w> overflows at ||w|| > 256, and bfloat16 sums lose the decision.
     """
+    tensors = [ops.convert_to_tensor(x) for x in tensors]
     if not _is_low_precision(dtype):
-        return list(tensors)
+        return tensors
     return [ops.cast(x, "float32") for x in tensors]
 
 
@@ -245,8 +246,7 @@ def project(w, g, u, layout, delta, wd_ratio, eps):
 def remove_radial(w, u, coef, layout):
     """``u - w * coef`` per channel, of `u`'s shape and dtype (computed in
     float32 for 16-bit `u`), for a `(C,)` `coef` from :func:`coefficients`."""
-    w, u = ops.convert_to_tensor(w), ops.convert_to_tensor(u)
-    dtype = u.dtype
+    dtype = ops.convert_to_tensor(u).dtype
     w, u = _in_float32(dtype, w, u)
     return ops.cast(per_channel(lambda w, u, c: u - w * c, coef, layout, w, u), dtype)
 
@@ -298,7 +298,6 @@ def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
 def channel_sums(w, g, u, layout):
     """The per-channel <g,w>, <g,g>, <w,w>, <w,u> of one variable, `(4, C)`
     (float32 for 16-bit `u`): all :func:`coefficients` needs of it."""
-    w, g, u = (ops.convert_to_tensor(x) for x in (w, g, u))
     return _channel_sums(*_in_float32(u.dtype, w, g, u), layout)
 
 
