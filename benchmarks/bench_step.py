@@ -19,6 +19,12 @@ the official `adamp` installed, torch's `adamp.AdamP`/`adamp.SGDP` and
     python benchmarks/bench_step.py                     # TensorFlow
     python benchmarks/bench_step.py --backend jax
     python benchmarks/bench_step.py --rounds 7 --json out.json
+    python benchmarks/bench_step.py --compare /tmp/before   # + another checkout
+
+`--compare DIR` also steps AdamP and SGDP of the keras_adamp in checkout DIR
+(e.g. `git worktree add /tmp/before <commit>`) as "AdamP@base"/"SGDP@base",
+interleaved with the rest in the same process: before/after ratios that load
+on a shared machine hits alike.
 
 Run from the repository root (or with keras_adamp importable).
 """
@@ -67,13 +73,38 @@ def parse_args(argv=None):
         action="store_true",
         help="TensorFlow: time only with jit_compile",
     )
+    parser.add_argument(
+        "--compare",
+        metavar="DIR",
+        help="also time AdamP/SGDP of the keras_adamp in this checkout",
+    )
     parser.add_argument("--json", help="write the results to this file")
     return parser.parse_args(argv)
 
 
+def import_other(path):
+    """The keras_adamp package of checkout `path`, imported under its own
+    module objects and then dropped from sys.modules, so that the plain
+    `import keras_adamp` that follows gets this one."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, path)
+    try:
+        module = importlib.import_module("keras_adamp")
+    finally:
+        sys.path.remove(path)
+    for name in [n for n in sys.modules if n.split(".")[0] == "keras_adamp"]:
+        del sys.modules[name]
+    return module
+
+
 ARGS = parse_args() if __name__ == "__main__" else None
+OTHER = None
 if ARGS is not None:
     select_backend(ARGS.backend)
+    if ARGS.compare:
+        OTHER = import_other(ARGS.compare)
 
 import numpy as np  # noqa: E402
 
@@ -108,7 +139,7 @@ def variable_specs(model_name):
 
 def keras_optimizers():
     """name -> factory of a fresh optimizer."""
-    return {
+    ours = {
         "AdamP": lambda: keras_adamp.AdamP(
             learning_rate=LR_ADAM, weight_decay=WEIGHT_DECAY_ADAM
         ),
@@ -128,9 +159,27 @@ def keras_optimizers():
             weight_decay=WEIGHT_DECAY_SGD,
         ),
     }
+    if OTHER is not None:
+        ours["AdamP@base"] = lambda: OTHER.AdamP(
+            learning_rate=LR_ADAM, weight_decay=WEIGHT_DECAY_ADAM
+        )
+        ours["SGDP@base"] = lambda: OTHER.SGDP(
+            learning_rate=LR_SGD,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=WEIGHT_DECAY_SGD,
+        )
+    return ours
 
 
-PAIRS = (("AdamP", "AdamW"), ("SGDP", "SGD"))
+PAIRS = (
+    ("AdamP", "AdamW"),
+    ("SGDP", "SGD"),
+    ("AdamP", "AdamP@base"),
+    ("SGDP", "SGDP@base"),
+    ("AdamP@base", "AdamW"),
+    ("SGDP@base", "SGD"),
+)
 
 
 def make_data(specs, seed=0):
@@ -310,7 +359,8 @@ def main(args):
         f"{args.model}: {len(specs)} variables, {numel / 1e6:.2f} M parameters; "
         f"backend {keras.backend.backend()}"
     )
-    result = {"machine": machine(), "model": args.model, "variables": len(specs),
+    result = {"machine": machine(), "model": args.model,
+              "compare": getattr(OTHER, "__file__", None), "variables": len(specs),
               "parameters": numel, "rounds": args.rounds, "steps": args.steps}
     steppers = {}
     sizes = {}
@@ -359,12 +409,14 @@ def main(args):
     for mode in modes:
         for ours, base in PAIRS:
             a, b = f"{ours} [{mode}]", f"{base} [{mode}]"
+            if a not in medians or b not in medians:
+                continue
             ratios[f"{ours}/{base} [{mode}]"] = medians[a] / medians[b]
             if f"torch {ours}" in medians:
                 ratios[f"{ours} [{mode}]/torch {ours}"] = (
                     medians[a] / medians[f"torch {ours}"]
                 )
-    for ours, base in PAIRS:
+    for ours, base in PAIRS[:2]:
         if f"torch {ours}" in medians:
             ratios[f"torch {ours}/torch {base}"] = (
                 medians[f"torch {ours}"] / medians[f"torch {base}"]
