@@ -19,7 +19,8 @@ def select_backend(backend):
 
 
 def time_rounds(steppers, rounds, steps, warmup):
-    """``({name: [seconds per step, one per round]}, {name: first call s})``.
+    """``({name: [seconds per step, one per round]}, {name: first call s,
+    name + " cpu": its CPU s})``.
 
     Every stepper runs once per round, in turn, so that load from other
     processes hits all configurations alike. The first call (trace and
@@ -27,10 +28,17 @@ def time_rounds(steppers, rounds, steps, warmup):
     """
     first = {}
     for name, run in steppers.items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()  # compile
         first[name] = time.perf_counter() - t0
-        print(f"  first call {name}: {first[name]:.2f} s", flush=True)
+        # CPU seconds of this process (all its threads): what the trace and
+        # compile cost, less sensitive than wall time to other processes.
+        first[name + " cpu"] = time.process_time() - c0
+        print(
+            f"  first call {name}: {first[name]:.2f} s "
+            f"({first[name + ' cpu']:.2f} s CPU)",
+            flush=True,
+        )
         for _ in range(warmup):
             run()
     times = {name: [] for name in steppers}
@@ -55,7 +63,7 @@ def ratio_table(values, pairs, label):
     ratios = {}
     for name in values:
         for ours, base in pairs:
-            if name == ours or name.startswith(ours + " ["):
+            if name == ours or name.startswith((ours + " [", ours + " cpu")):
                 other = base + name[len(ours):]
                 if other in values:
                     ratios[f"{ours}/{other}"] = values[name] / values[other]
