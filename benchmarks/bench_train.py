@@ -113,6 +113,7 @@ PAIRS = (("AdamP", "AdamW"), ("SGDP", "SGD"))
 
 
 def main(args):
+    where = machine()  # load average at the start
     keras.utils.set_random_seed(0)
     reference, input_shape, classes = build_model(args.model)
     initial = reference.get_weights()
@@ -169,7 +170,7 @@ def main(args):
         "first_call_s": first,
         "first_call_ratios": first_ratios,
         "slots_per_variable": slots,
-        "machine": dict(machine(), loadavg_end=os.getloadavg()),
+        "machine": dict(where, loadavg_end=os.getloadavg()),
     }
     write_json(args.json, result)
     return result
