@@ -13,20 +13,32 @@ def select_backend(backend):
     keras_adamp importable when run from a checkout."""
     os.environ["KERAS_BACKEND"] = backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # Appended: a keras_adamp on PYTHONPATH (another checkout, e.g. the
+    # "before" of a comparison) wins over this one.
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def time_rounds(steppers, rounds, steps, warmup):
-    """{name: [seconds per step, one per round]}.
+    """``({name: [seconds per step, one per round]}, {name: first call s,
+    name + " cpu": its CPU s})``.
 
     Every stepper runs once per round, in turn, so that load from other
-    processes hits all configurations alike. The first call (compilation) and
-    `warmup` more are not timed.
+    processes hits all configurations alike. The first call (trace and
+    compile, timed on its own) and `warmup` more are not in the rounds.
     """
+    first = {}
     for name, run in steppers.items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()  # compile
-        print(f"  first call {name}: {time.perf_counter() - t0:.2f} s", flush=True)
+        first[name] = time.perf_counter() - t0
+        # CPU seconds of this process (all its threads): what the trace and
+        # compile cost, less sensitive than wall time to other processes.
+        first[name + " cpu"] = time.process_time() - c0
+        print(
+            f"  first call {name}: {first[name]:.2f} s "
+            f"({first[name + ' cpu']:.2f} s CPU)",
+            flush=True,
+        )
         for _ in range(warmup):
             run()
     times = {name: [] for name in steppers}
@@ -42,14 +54,33 @@ def time_rounds(steppers, rounds, steps, warmup):
             + " ms",
             flush=True,
         )
-    return times
+    return times, first
+
+
+def ratio_table(values, pairs, label):
+    """{"A/B [mode]": values[A [mode]] / values[B [mode]]} for each pair
+    present in `values` (names "A" or "A [mode]"), printed under `label`."""
+    ratios = {}
+    for name in values:
+        for ours, base in pairs:
+            if name == ours or name.startswith((ours + " [", ours + " cpu")):
+                other = base + name[len(ours):]
+                if other in values:
+                    ratios[f"{ours}/{other}"] = values[name] / values[other]
+    print(f"{label}:")
+    for n, r in ratios.items():
+        print(f"  {n:<34} {r:6.3f}")
+    return ratios
 
 
 def machine():
     """Where the figures were measured."""
     import keras
 
+    import keras_adamp
+
     info = {
+        "keras_adamp": os.path.dirname(os.path.abspath(keras_adamp.__file__)),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),

@@ -9,13 +9,22 @@ random gradients), compiled as the backend compiles a training step:
 
 Configurations are timed in interleaved rounds (every configuration once per
 round, in turn), so that load from other processes hits all of them alike; the
-medians of the per-round step times and their ratios are printed. With torch and
+medians of the per-round step times and their ratios are printed, with the
+first call of each (trace and compile) and the size of the compiled program
+(TensorFlow: ops in the `tf.function` graph; JAX: equations of the jaxpr),
+which is what compile time grows with. With torch and
 the official `adamp` installed, torch's `adamp.AdamP`/`adamp.SGDP` and
 `torch.optim.AdamW`/`SGD` step the same shapes (PyTorch layout) in the same run.
 
     python benchmarks/bench_step.py                     # TensorFlow
     python benchmarks/bench_step.py --backend jax
     python benchmarks/bench_step.py --rounds 7 --json out.json
+    python benchmarks/bench_step.py --compare /tmp/before   # + another checkout
+
+`--compare DIR` also steps AdamP and SGDP of the keras_adamp in checkout DIR
+(e.g. `git worktree add /tmp/before <commit>`) as "AdamP@base"/"SGDP@base",
+interleaved with the rest in the same process: before/after ratios that load
+on a shared machine hits alike.
 
 Run from the repository root (or with keras_adamp importable).
 """
@@ -24,7 +33,7 @@ import argparse
 import os
 import statistics
 
-from _common import machine, select_backend, time_rounds, write_json
+from _common import machine, ratio_table, select_backend, time_rounds, write_json
 
 
 def parse_args(argv=None):
@@ -64,13 +73,38 @@ def parse_args(argv=None):
         action="store_true",
         help="TensorFlow: time only with jit_compile",
     )
+    parser.add_argument(
+        "--compare",
+        metavar="DIR",
+        help="also time AdamP/SGDP of the keras_adamp in this checkout",
+    )
     parser.add_argument("--json", help="write the results to this file")
     return parser.parse_args(argv)
 
 
+def import_other(path):
+    """The keras_adamp package of checkout `path`, imported under its own
+    module objects and then dropped from sys.modules, so that the plain
+    `import keras_adamp` that follows gets this one."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, path)
+    try:
+        module = importlib.import_module("keras_adamp")
+    finally:
+        sys.path.remove(path)
+    for name in [n for n in sys.modules if n.split(".")[0] == "keras_adamp"]:
+        del sys.modules[name]
+    return module
+
+
 ARGS = parse_args() if __name__ == "__main__" else None
+OTHER = None
 if ARGS is not None:
     select_backend(ARGS.backend)
+    if ARGS.compare:
+        OTHER = import_other(ARGS.compare)
 
 import numpy as np  # noqa: E402
 
@@ -105,7 +139,7 @@ def variable_specs(model_name):
 
 def keras_optimizers():
     """name -> factory of a fresh optimizer."""
-    return {
+    ours = {
         "AdamP": lambda: keras_adamp.AdamP(
             learning_rate=LR_ADAM, weight_decay=WEIGHT_DECAY_ADAM
         ),
@@ -125,9 +159,27 @@ def keras_optimizers():
             weight_decay=WEIGHT_DECAY_SGD,
         ),
     }
+    if OTHER is not None:
+        ours["AdamP@base"] = lambda: OTHER.AdamP(
+            learning_rate=LR_ADAM, weight_decay=WEIGHT_DECAY_ADAM
+        )
+        ours["SGDP@base"] = lambda: OTHER.SGDP(
+            learning_rate=LR_SGD,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=WEIGHT_DECAY_SGD,
+        )
+    return ours
 
 
-PAIRS = (("AdamP", "AdamW"), ("SGDP", "SGD"))
+PAIRS = (
+    ("AdamP", "AdamW"),
+    ("SGDP", "SGD"),
+    ("AdamP", "AdamP@base"),
+    ("SGDP", "SGDP@base"),
+    ("AdamP@base", "AdamW"),
+    ("SGDP@base", "SGD"),
+)
 
 
 def make_data(specs, seed=0):
@@ -175,9 +227,12 @@ def built_optimizers(specs, weights):
 
 
 def tf_steppers(specs, weights, grads, jit):
+    """({name: run one step}, {name: graph op count, after the first run},
+    slots)."""
     import tensorflow as tf
 
     steppers = {}
+    sizes = {}
     slots = {}
     tf_grads = [tf.constant(g) for g in grads]
     for name, optimizer, variables, slots[name] in built_optimizers(
@@ -188,14 +243,21 @@ def tf_steppers(specs, weights, grads, jit):
         def run(fn=fn):
             fn(tf_grads).numpy()  # blocks until done
 
+        def size(fn=fn):
+            graph = fn.get_concrete_function(tf_grads).graph  # no new trace
+            return len(graph.get_operations())
+
         steppers[name] = run
-    return steppers, slots
+        sizes[name] = size
+    return steppers, sizes, slots
 
 
 def jax_steppers(specs, weights, grads):
+    """As `tf_steppers`; the size is the number of equations of the jaxpr."""
     import jax
 
     steppers = {}
+    sizes = {}
     slots = {}
     jax_grads = [jax.numpy.asarray(g) for g in grads]
     for name, optimizer, variables, slots[name] in built_optimizers(
@@ -212,8 +274,15 @@ def jax_steppers(specs, weights, grads):
             state["train"], state["opt"] = train, opt
             jax.block_until_ready(train)
 
+        def size(optimizer=optimizer, state=state):
+            jaxpr = jax.make_jaxpr(optimizer.stateless_apply)(
+                state["opt"], jax_grads, state["train"]
+            )
+            return len(jaxpr.jaxpr.eqns)
+
         steppers[name] = run
-    return steppers, slots
+        sizes[name] = size
+    return steppers, sizes, slots
 
 
 def torch_layout(shape):
@@ -290,9 +359,11 @@ def main(args):
         f"{args.model}: {len(specs)} variables, {numel / 1e6:.2f} M parameters; "
         f"backend {keras.backend.backend()}"
     )
-    result = {"machine": machine(), "model": args.model, "variables": len(specs),
+    result = {"machine": machine(), "model": args.model,
+              "compare": getattr(OTHER, "__file__", None), "variables": len(specs),
               "parameters": numel, "rounds": args.rounds, "steps": args.steps}
     steppers = {}
+    sizes = {}
     slots = None
     if args.backend == "tensorflow":
         modes = [("xla", True), ("no-xla", False)]
@@ -301,10 +372,12 @@ def main(args):
         if args.only_xla:
             modes = [("xla", True)]
         for mode, jit in modes:
-            s, slots = tf_steppers(specs, weights, grads, jit)
+            s, z, slots = tf_steppers(specs, weights, grads, jit)
             steppers.update({f"{n} [{mode}]": f for n, f in s.items()})
+            if mode == modes[0][0]:  # the same graph in both modes
+                sizes.update(z)
     else:
-        s, slots = jax_steppers(specs, weights, grads)
+        s, sizes, slots = jax_steppers(specs, weights, grads)
         steppers.update({f"{n} [xla]": f for n, f in s.items()})
     if not args.no_torch:
         s, info = torch_steppers(specs, weights, grads, args.torch_threads)
@@ -312,7 +385,21 @@ def main(args):
         result["torch"] = info
     result["slots"] = slots
 
-    times = time_rounds(steppers, args.rounds, args.steps, args.warmup)
+    times, first = time_rounds(steppers, args.rounds, args.steps, args.warmup)
+    sizes = {n: size() for n, size in sizes.items()}
+    result["graph_ops" if args.backend == "tensorflow" else "jaxpr_eqns"] = sizes
+    result["first_call_s"] = first
+    print("\nprogram size (TensorFlow graph ops / jaxpr equations):")
+    for n, z in sizes.items():
+        print(f"  {n:<22} {z:9d}")
+    result["size_ratios"] = ratio_table(sizes, PAIRS, "size ratios")
+    print("first call (trace + compile), s:")
+    for n, t in first.items():
+        print(f"  {n:<22} {t:9.2f}")
+    result["first_call_ratios"] = ratio_table(first, PAIRS, "first-call ratios")
+    if not args.rounds:
+        write_json(args.json, result)
+        return result
     medians = {n: statistics.median(t) for n, t in times.items()}
     result["median_ms"] = {n: 1e3 * t for n, t in medians.items()}
     result["times_ms"] = {n: [1e3 * x for x in t] for n, t in times.items()}
@@ -322,12 +409,14 @@ def main(args):
     for mode in modes:
         for ours, base in PAIRS:
             a, b = f"{ours} [{mode}]", f"{base} [{mode}]"
+            if a not in medians or b not in medians:
+                continue
             ratios[f"{ours}/{base} [{mode}]"] = medians[a] / medians[b]
             if f"torch {ours}" in medians:
                 ratios[f"{ours} [{mode}]/torch {ours}"] = (
                     medians[a] / medians[f"torch {ours}"]
                 )
-    for ours, base in PAIRS:
+    for ours, base in PAIRS[:2]:
         if f"torch {ours}" in medians:
             ratios[f"torch {ours}/torch {base}"] = (
                 medians[f"torch {ours}"] / medians[f"torch {base}"]

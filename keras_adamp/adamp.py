@@ -122,11 +122,10 @@ class AdamP(ProjectedOptimizer):
         """Update step given gradient and the associated model variable."""
         index = self._get_variable_index(variable)
         dtype = variable.dtype
-        lr = ops.cast(learning_rate, dtype)
+        lr, sqrt_bc2, step_size = self._per_step(
+            dtype, lambda: self._step_sizes(learning_rate, dtype)
+        )
         g = self._dense(gradient, variable)
-        # Bias corrections in float32 whatever the variable's dtype: in
-        # float16, t * log(beta) and 1 - beta**t lose the step count.
-        t = ops.cast(self.iterations + 1, "float32")
         b1, b2 = self.beta_1, self.beta_2
         m = self._momentums[index]
         v = self._velocities[index]
@@ -136,19 +135,22 @@ class AdamP(ProjectedOptimizer):
         self.assign(m, m_new)
         self.assign(v, v_new)
 
-        sqrt_bc2 = ops.cast(ops.sqrt(_one_minus_power(b2, t)), dtype)
         denom = ops.sqrt(v_new) / sqrt_bc2 + self.epsilon
-        step_size = lr / ops.cast(_one_minus_power(b1, t), dtype)
         if self.nesterov:
             u = (b1 * m_new + (1.0 - b1) * g) / denom
         else:
             u = m_new / denom
+        self._update(index, variable, g, u, lr, step_size)
 
-        if self._folded_update(index, variable, g, u, lr, step_size):
-            return
-        u, ratio = self._project(index, variable, g, u)
-        w = self._decayed(index, variable, lr, ratio)
-        self.assign(variable, w - step_size * u)
+    def _step_sizes(self, learning_rate, dtype):
+        """The learning rate, sqrt(1 - beta_2**t) and lr / (1 - beta_1**t)."""
+        lr = ops.cast(learning_rate, dtype)
+        # Bias corrections in float32 whatever the variable's dtype: in
+        # float16, t * log(beta) and 1 - beta**t lose the step count.
+        t = ops.cast(self.iterations + 1, "float32")
+        sqrt_bc2 = ops.cast(ops.sqrt(_one_minus_power(self.beta_2, t)), dtype)
+        step_size = lr / ops.cast(_one_minus_power(self.beta_1, t), dtype)
+        return lr, sqrt_bc2, step_size
 
     def get_config(self):
         config = super().get_config()

@@ -71,9 +71,16 @@ def _block_count(layout):
     return next((k for k in _BLOCKS if rows % k == 0 and rows >= 8 * k), 1)
 
 
+def _reshaped(x, shape):
+    if x is None or tuple(x.shape) == tuple(shape):
+        return x
+    return ops.reshape(x, shape)
+
+
 def _channel_sums(w, g, u, layout):
     """Per-channel <g,w>, <g,g>, <w,w> and, if `u` is given, <w,u>, stacked into
-    one `(3 or 4, num_channels)` tensor.
+    one `(3 or 4, num_channels)` tensor, for tensors of the variable's shape
+    or of `layout.view`.
 
     Stacking keeps the small decision math to a few ops on one tensor, and the
     layer-level sums are taken from it (a sum over its last axis) rather than
@@ -90,23 +97,23 @@ def _channel_sums(w, g, u, layout):
     sums, added in a different order. (Stacking the pairs' block sums into
     one loop, or more than 4 blocks, measured slower.)
     """
+    k = _block_count(layout)
+    if k == 1:
+        w, g, u = (_reshaped(x, layout.view) for x in (w, g, u))
+    else:
+        shape = (k, layout.view[0] // k, layout.num_channels)
+        # A list of k slices each: x[0], ..., x[k-1].
+        w, g, u = (
+            None if x is None else ops.unstack(_reshaped(x, shape), num=k, axis=0)
+            for x in (w, g, u)
+        )
     pairs = [(g, w), (g, g), (w, w)]
     if u is not None:
         pairs.append((w, u))
-    k = _block_count(layout)
     if k == 1:
         return ops.stack([layout.group_sum(a * b) for a, b in pairs])
-    shape = (k, layout.view[0] // k, layout.num_channels)
-    blocks = {}
-
-    def split(x):
-        if id(x) not in blocks:
-            blocks[id(x)] = ops.unstack(ops.reshape(x, shape), num=k, axis=0)
-        return blocks[id(x)]
-
     sums = []
     for a, b in pairs:
-        a, b = split(a), split(b)
         total = a[0] * b[0]
         for i in range(1, k):
             total = total + a[i] * b[i]
@@ -114,49 +121,95 @@ def _channel_sums(w, g, u, layout):
     return ops.stack(sums)
 
 
-def _decide(sums, layout, delta, eps):
-    """The test, on the stacked channel sums `(n, C)`.
+def _decide(layouts, sums, delta, eps):
+    """The test for several variables at once, on their stacked channel sums.
 
-    The layer-level sums are sums of the channel sums (no second pass), kept
-    as one more column, so that the cosines and the projection coefficients of
-    both views are one set of small ops on `(C + 1,)` rows.
+    The channel sums of all variables are laid side by side, then one layer
+    column per variable (the sum of its channel sums: no second pass over the
+    variable), so that the cosines and the projection coefficients of every
+    view of every variable are one set of small ops on ``N + V`` columns
+    (``N`` channels in all, ``V`` variables) instead of one set per variable.
+
+    Args:
+        layouts: The variables' :class:`ChannelLayout`.
+        sums: Per variable, its `_channel_sums` `(n, num_channels)`, all of
+            one dtype.
 
     Returns:
-        ``(channel_wise, layer_wise, cols, norm_w)``: two scalar booleans, the
-        sums with the layer column appended, and ``sqrt(<w,w>)`` per column.
+        ``(channel_wise, layer_wise, cols, norm_w)``: booleans of shape
+        ``(V,)``, the `(n, N + V)` columns and ``sqrt(<w,w>)`` per column.
     """
-    cols, norm_w, cos = _columns(sums, eps)
-    channels = layout.num_channels
-    channel_wise = ops.max(cos[:channels]) < delta / math.sqrt(layout.group_size)
-    layer_wise = cos[channels] < delta / math.sqrt(layout.numel)
+    channels = sum(layout.num_channels for layout in layouts)
+    layer = [ops.sum(s, axis=1, keepdims=True) for s in sums]
+    cols = ops.concatenate(sums + layer, axis=1)
+    norm_w, cos = _columns(cols, eps)
+    passes = cos < ops.convert_to_tensor(
+        _thresholds(tuple(layouts), delta), dtype=cos.dtype
+    )
+    layer_wise = passes[channels:]
+    if len(layouts) == 1:
+        channel_wise = ops.expand_dims(ops.all(passes[:channels]), 0)
+    else:
+        # Failing channels per variable, as differences of a running count
+        # over all channels (exact: whole numbers far below 2**24).
+        fails = ops.cumsum(ops.cast(ops.logical_not(passes[:channels]), "float32"))
+        fails = ops.pad(fails, [(1, 0)])
+        ends = _boundaries(tuple(layouts))
+        channel_wise = ops.equal(ops.take(fails, ends[1:]), ops.take(fails, ends[:-1]))
     return channel_wise, layer_wise, cols, norm_w
 
 
-def _columns(sums, eps):
-    """The stacked channel sums with the layer-level column appended, ||w|| and
-    |cos(g, w)| per column (as torch.nn.functional.cosine_similarity: each
-    norm clamped below at eps)."""
-    cols = ops.concatenate([sums, ops.sum(sums, axis=1, keepdims=True)], axis=1)
+@functools.lru_cache(maxsize=64)
+def _thresholds(layouts, delta):
+    """The test's threshold per column of `_decide`: ``delta / sqrt(group
+    size)`` for each channel, then ``delta / sqrt(numel)`` per variable."""
+    channel = [
+        delta / math.sqrt(layout.group_size)
+        for layout in layouts
+        for _ in range(layout.num_channels)
+    ]
+    return channel + [delta / math.sqrt(layout.numel) for layout in layouts]
+
+
+@functools.lru_cache(maxsize=64)
+def _boundaries(layouts):
+    """Where each variable's channels start among all channels, and the end."""
+    ends = [0]
+    for layout in layouts:
+        ends.append(ends[-1] + layout.num_channels)
+    return ends
+
+
+@functools.lru_cache(maxsize=64)
+def _owners(layouts):
+    """The index of the variable each channel column belongs to."""
+    return [v for v, layout in enumerate(layouts) for _ in range(layout.num_channels)]
+
+
+def _columns(cols, eps):
+    """||w|| and |cos(g, w)| per column of the sums `(n, columns)` (as
+    torch.nn.functional.cosine_similarity: each norm clamped below at eps)."""
     norm_w = ops.sqrt(cols[2])
     cos = ops.abs(cols[0]) / (
         ops.maximum(ops.sqrt(cols[1]), eps) * ops.maximum(norm_w, eps)
     )
-    return cols, norm_w, cos
+    return norm_w, cos
 
 
 def _is_low_precision(dtype):
     return keras.backend.standardize_dtype(dtype) in _LOW_PRECISION
 
 
-def _views(layout, dtype, *tensors):
-    """Each tensor reshaped to `layout.view`, in float32 if `dtype` is 16-bit.
+def _in_float32(dtype, *tensors):
+    """The tensors, in float32 if `dtype` is 16-bit.
 
     Norms and cosines of 16-bit variables are computed in float32: a float16
     <w,w> overflows at ||w|| > 256, and bfloat16 sums lose the decision.
     """
-    low = _is_low_precision(dtype)
-    views = [ops.reshape(x, layout.view) for x in tensors]
-    return [ops.cast(x, "float32") if low else x for x in views]
+    tensors = [ops.convert_to_tensor(x) for x in tensors]
+    if not _is_low_precision(dtype):
+        return tensors
+    return [ops.cast(x, "float32") for x in tensors]
 
 
 def project(w, g, u, layout, delta, wd_ratio, eps):
@@ -185,12 +238,45 @@ def project(w, g, u, layout, delta, wd_ratio, eps):
         ``(u_projected, decay_ratio)``: the update, of `u`'s shape and dtype, and
         a scalar, `wd_ratio` if a view passed the test else 1.
     """
-    dtype = u.dtype
-    w, g, u_view = _views(layout, dtype, w, g, u)
-    coef, ratio = _coefficients(w, g, u_view, layout, delta, wd_ratio, eps)
-    u_view = u_view - w * coef
-    u = ops.cast(ops.reshape(u_view, layout.shape), dtype)
-    return u, ops.cast(ratio, dtype)
+    sums = channel_sums(w, g, u, layout)
+    [(coef, ratio)] = coefficients([layout], [sums], delta, wd_ratio, eps)
+    return remove_radial(w, u, coef, layout), ops.cast(ratio, u.dtype)
+
+
+def remove_radial(w, u, coef, layout):
+    """``u - w * coef`` per channel, of `u`'s shape and dtype (computed in
+    float32 for 16-bit `u`), for a `(C,)` `coef` from :func:`coefficients`."""
+    dtype = ops.convert_to_tensor(u).dtype
+    w, u = _in_float32(dtype, w, u)
+    return ops.cast(per_channel(lambda w, u, c: u - w * c, coef, layout, w, u), dtype)
+
+
+def per_channel(fn, coef, layout, *tensors):
+    """``fn(*tensors, c)`` for tensors of the variable's shape, with `c` the
+    `(C,)` `coef` shaped to broadcast against them; in `layout.view` (and
+    back) only where the output axes are not the trailing ones (an
+    Embedding's rows), elsewhere on the tensors as they are (fewer ops)."""
+    shape = _trailing_channels(layout)
+    if shape is None:
+        views = [ops.reshape(x, layout.view) for x in tensors]
+        return ops.reshape(fn(*views, layout.per_element(coef)), layout.shape)
+    if tuple(coef.shape) != shape:
+        coef = ops.reshape(coef, shape)
+    return fn(*tensors, coef)
+
+
+@functools.lru_cache(maxsize=None)
+def _trailing_channels(layout):
+    """The shape a `(C,)` tensor takes to broadcast against the variable's own
+    shape, or None if its output axes are not the trailing ones."""
+    rank = len(layout.shape)
+    first = rank - len(layout.channel_axes)
+    if layout.channel_axes != tuple(range(first, rank)):
+        return None
+    shape = layout.shape[first:]
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape or (1,)
 
 
 def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
@@ -204,30 +290,56 @@ def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
         final update (``w * (decay + step * coef) - step * u``) and save two
         full-size passes when ops are not fused.
     """
-    w, g, u_view = _views(layout, u.dtype, w, g, u)
-    return _coefficients(w, g, u_view, layout, delta, wd_ratio, eps)
+    sums = channel_sums(w, g, u, layout)
+    [(coef, ratio)] = coefficients([layout], [sums], delta, wd_ratio, eps)
+    return layout.per_element(coef), ratio
 
 
-def _coefficients(w, g, u_view, layout, delta, wd_ratio, eps):
-    sums = _channel_sums(w, g, u_view, layout)
-    channel_wise, layer_wise, cols, norm_w = _decide(sums, layout, delta, eps)
+def channel_sums(w, g, u, layout):
+    """The per-channel <g,w>, <g,g>, <w,w>, <w,u> of one variable, `(4, C)`
+    (float32 for 16-bit `u`): all :func:`coefficients` needs of it."""
+    return _channel_sums(*_in_float32(u.dtype, w, g, u), layout)
 
-    # <w,u> / (||w|| + eps)^2 per channel, and for the layer in the last column.
+
+def coefficients(layouts, sums, delta, wd_ratio, eps):
+    """The projection of several variables decided in one set of small ops.
+
+    Args:
+        layouts: Per variable, its :class:`ChannelLayout`.
+        sums: Per variable, its :func:`channel_sums`, all of one dtype.
+
+    Returns:
+        Per variable, ``(coef, decay_ratio)`` as :func:`radial_coefficients`,
+        but `coef` of shape `(num_channels,)` (see :func:`per_channel`).
+    """
+    layouts = tuple(layouts)
+    channel_wise, layer_wise, cols, norm_w = _decide(layouts, sums, delta, eps)
+    channels = len(_owners(layouts))
+    # <w,u> / (||w|| + eps)^2 per channel, then per variable for the layer.
     coefs = cols[3] / ops.square(norm_w + eps)
-    channels = layout.num_channels
-    # coef = channel coefs if channel_wise else (layer coef if layer_wise else 0)
-    coef = ops.where(
-        channel_wise,
-        coefs[:channels],
-        ops.where(layer_wise, coefs[channels], ops.zeros_like(coefs[channels])),
+    layer = ops.where(
+        ops.logical_and(layer_wise, ops.logical_not(channel_wise)),
+        coefs[channels:],
+        ops.zeros_like(coefs[channels:]),
     )
+    # coef = channel coefs if channel_wise else (layer coef if layer_wise else 0)
+    if len(layouts) == 1:
+        coef = ops.where(channel_wise, coefs[:channels], layer)
+    else:
+        owners = _owners(layouts)
+        coef = ops.where(
+            ops.take(channel_wise, owners), coefs[:channels], ops.take(layer, owners)
+        )
     # ratio = wd_ratio if projected else 1
     ratio = ops.where(
         ops.logical_or(channel_wise, layer_wise),
-        ops.cast(wd_ratio, u_view.dtype),
-        ops.cast(1.0, u_view.dtype),
+        ops.cast(wd_ratio, cols.dtype),
+        ops.cast(1.0, cols.dtype),
     )
-    return layout.per_element(coef), ratio
+    if len(layouts) == 1:
+        return [(coef, ratio[0])]
+    coef = ops.split(coef, _boundaries(layouts)[1:-1])
+    return list(zip(coef, ops.unstack(ratio, num=len(layouts))))
 
 
 def scale_invariance(w, g, layout, delta, eps):
@@ -237,14 +349,13 @@ def scale_invariance(w, g, layout, delta, eps):
         An int32 scalar tensor: ``CHANNEL_WISE`` (1), ``LAYER_WISE`` (2) or
         ``NOT_PROJECTED`` (0).
     """
-    w, g = _views(layout, w.dtype, w, g)
-    sums = _channel_sums(w, g, None, layout)
-    channel_wise, layer_wise, _, _ = _decide(sums, layout, delta, eps)
+    sums = _channel_sums(*_in_float32(w.dtype, w, g), None, layout)
+    channel_wise, layer_wise, _, _ = _decide((layout,), [sums], delta, eps)
     # CHANNEL_WISE if channel_wise else LAYER_WISE if layer_wise else NOT_PROJECTED
     return ops.where(
-        channel_wise,
+        channel_wise[0],
         CHANNEL_WISE,
-        ops.where(layer_wise, LAYER_WISE, NOT_PROJECTED),
+        ops.where(layer_wise[0], LAYER_WISE, NOT_PROJECTED),
     )
 
 
@@ -256,6 +367,7 @@ def cosines(w, g, layout, eps):
         ``(num_channels,)``, and |cos(g, w)| of the whole tensor, computed as
         the optimizer computes them (float32 for 16-bit variables).
     """
-    w, g = _views(layout, w.dtype, w, g)
-    _, _, cos = _columns(_channel_sums(w, g, None, layout), eps)
+    sums = _channel_sums(*_in_float32(w.dtype, w, g), None, layout)
+    cols = ops.concatenate([sums, ops.sum(sums, axis=1, keepdims=True)], axis=1)
+    _, cos = _columns(cols, eps)
     return cos[: layout.num_channels], cos[layout.num_channels]

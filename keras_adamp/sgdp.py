@@ -120,30 +120,29 @@ class SGDP(ProjectedOptimizer):
     def update_step(self, gradient, variable, learning_rate):
         """Update step given gradient and the associated model variable."""
         index = self._get_variable_index(variable)
-        lr = ops.cast(learning_rate, variable.dtype)
+        dtype = variable.dtype
+        lr = self._per_step(dtype, lambda: ops.cast(learning_rate, dtype))
         g = self._dense(gradient, variable)
 
+        store = None
+        if self.dampening:
+            g_in = (1.0 - self.dampening) * g
+        else:
+            g_in = g
         if self.momentum == 0:
-            u = (1.0 - self.dampening) * g
+            u = g_in
         else:
             buf = self._momentums[index]
-            buf_new = self.momentum * buf + (1.0 - self.dampening) * g
-            u = g + self.momentum * buf_new if self.nesterov else buf_new
-
-        decay_scale = 1.0 / (1.0 - self.momentum)
-        # Without Nesterov the reference stores the projected u in the buffer,
-        # so only then is u needed projected; else the projection is folded.
-        if self.nesterov or self.momentum == 0:
-            if self.momentum != 0:
+            buf_new = self.momentum * buf + g_in
+            if self.nesterov:
                 self.assign(buf, buf_new)
-            if self._folded_update(index, variable, g, u, lr, lr, decay_scale):
-                return
-        u, ratio = self._project(index, variable, g, u)
-        if self.momentum != 0 and not self.nesterov:
-            # Without Nesterov the reference projects the buffer in place.
-            self.assign(buf, u)
-        w = self._decayed(index, variable, lr, ratio, decay_scale)
-        self.assign(variable, w - lr * u)
+                u = g + self.momentum * buf_new
+            else:
+                # The reference projects the buffer in place: the stored
+                # momentum is the projected u.
+                u, store = buf_new, buf
+        decay_scale = 1.0 / (1.0 - self.momentum)
+        self._update(index, variable, g, u, lr, lr, decay_scale, store)
 
     def get_config(self):
         config = super().get_config()

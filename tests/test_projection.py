@@ -184,3 +184,45 @@ def test_threshold_is_delta_over_sqrt_group_size():
     for cos, expected in [(0.049, projection.CHANNEL_WISE), (0.051, 0)]:
         g = np.array([[cos], [np.sqrt(1 - cos**2)], [0], [0]], "float32")
         assert int(projection.scale_invariance(w, g, layout, 0.1, 1e-8)) == expected
+
+
+def test_deciding_many_variables_at_once_equals_deciding_each_alone():
+    # One optimizer step decides all variables in one set of ops: each
+    # variable's outcome (channel-wise, layer-wise, none) and coefficients must
+    # not depend on its neighbours. Layouts mixed: channels last, an
+    # Embedding's rows, a 4-D kernel, the whole tensor as one group.
+    rng = np.random.default_rng(5)
+    w = [rng.standard_normal(s).astype("float32") for s in
+         [(9, 4), (6, 3), (4, 5), (3, 3, 2, 8), (40, 3)]]
+    layouts = [ChannelLayout.create(w[0].shape, -1),
+               ChannelLayout.create(w[1].shape, 0),
+               ChannelLayout.create(w[2].shape, -1),
+               ChannelLayout.create(w[3].shape, -1),
+               ChannelLayout.create(w[4].shape, [])]
+    g = [orthogonal_per_column(w[0], rng),  # channel-wise
+         rng.standard_normal((6, 3)).astype("float32"),  # not projected
+         rng.standard_normal((4, 5)).astype("float32"),
+         rng.standard_normal((3, 3, 2, 8)).astype("float32"),
+         rng.standard_normal((40, 3)).astype("float32")]
+    g[2] = g[2] - w[2] * (g[2] * w[2]).sum() / (w[2] * w[2]).sum()  # layer-wise
+    u = [rng.standard_normal(x.shape).astype("float32") for x in w]
+    sums = [projection.channel_sums(*t, layout) for *t, layout in zip(w, g, u, layouts)]
+    together = projection.coefficients(layouts, sums, 0.1, 0.25, 1e-8)
+    ratios = []
+    for layout, s, (coef, ratio) in zip(layouts, sums, together):
+        [(alone, alone_ratio)] = projection.coefficients([layout], [s], 0.1, 0.25, 1e-8)
+        np.testing.assert_allclose(ops.convert_to_numpy(coef), ops.convert_to_numpy(alone), rtol=1e-6)
+        assert float(ratio) == float(alone_ratio)
+        ratios.append(float(ratio))
+    assert ratios[:3] == [0.25, 1.0, 0.25]
+    decisions = [int(projection.scale_invariance(*t, layout, 0.1, 1e-8))
+                 for *t, layout in zip(w[:3], g[:3], layouts[:3])]
+    assert decisions == [projection.CHANNEL_WISE, 0, projection.LAYER_WISE]
+    # The update with the batch's coefficients is `project`'s (on the view and
+    # on the variable's own shape).
+    for i in (0, 1, 3):
+        x, y, z, layout, (coef, _) = w[i], g[i], u[i], layouts[i], together[i]
+        projected, _ = projection.project(x, y, z, layout, 0.1, 0.25, 1e-8)
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(projection.remove_radial(x, z, coef, layout)),
+            ops.convert_to_numpy(projected), rtol=1e-6, atol=1e-7)
