@@ -19,8 +19,8 @@ class AdamP(ProjectedOptimizer):
     component of the Adam update is removed. Momentum then no longer inflates
     the weight norm, which would shrink the effective step size, and the weight
     decay on that weight is scaled by `wd_ratio`. The test is tried per output
-    channel first, then on the whole tensor. Variables of rank <= 1 (biases,
-    normalisation parameters) are updated as by AdamW.
+    channel first, then on the whole tensor. Biases of any rank and variables of
+    rank <= 1 (normalisation parameters) are updated as by AdamW.
 
     Trajectories equal those of the official PyTorch code (`adamp==0.3.0`) once
     its layouts are transposed to Keras's.
@@ -55,10 +55,14 @@ class AdamP(ProjectedOptimizer):
         channel_axes: Optional dict `{pattern: axes}` overriding which axes of a
             variable index its output channels; `pattern` is a regular
             expression searched in `variable.path`, `axes` an int or a list of
-            contiguous ints, `[]` for the whole tensor as one group. Needed for
-            layouts static rules cannot tell apart, e.g.
-            `{"conv2d_transpose": -2}`. Defaults to `None` (the rules of
-            `keras_adamp.projection.default_channel_axes`).
+            ints (not necessarily contiguous), `[]` for the whole tensor as one
+            group. `keras_adamp.channel_axes_for(model)` derives it for every
+            variable of a model from its layers (Conv*Transpose, depthwise
+            multipliers, EinsumDense and attention kernels, which static rules
+            can't tell apart). A pattern that matches no variable being
+            trained (a frozen layer) is ignored with a warning. Defaults to
+            `None` (the static rules of
+            `keras_adamp.layouts.default_channel_axes`).
         {{base_optimizer_keyword_args}}
 
     References:

@@ -16,8 +16,8 @@ class SGDP(ProjectedOptimizer):
     (a scale-invariant weight: a kernel followed by BatchNorm or LayerNorm), the
     radial component of the momentum update is removed, so the weight norm no
     longer grows and the effective step size no longer shrinks; the weight
-    decay on that weight is scaled by `wd_ratio`. Variables of rank <= 1 are
-    updated as by SGD with decoupled weight decay.
+    decay on that weight is scaled by `wd_ratio`. Biases of any rank and
+    variables of rank <= 1 are updated as by SGD with decoupled weight decay.
 
     The update, as in the official PyTorch code (`adamp==0.3.0`):
 
