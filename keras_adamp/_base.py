@@ -304,11 +304,7 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
                 "epsilon": self.epsilon,
                 "delta": self.delta,
                 "wd_ratio": self.wd_ratio,
-                "channel_axes": (
-                    None
-                    if self.channel_axes is None
-                    else {k: list(v) for k, v in self.channel_axes.items()}
-                ),
+                "channel_axes": layouts.channel_axes_config(self.channel_axes),
             }
         )
         return config

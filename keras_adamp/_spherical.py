@@ -23,7 +23,6 @@ import re
 import warnings
 
 import keras
-from keras import ops
 
 from keras_adamp import layouts
 from keras_adamp._base import ProjectedOptimizer
@@ -294,19 +293,10 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
             {
                 "l2": self.l2,
                 "spherical": [] if isinstance(spherical, tuple) else spherical,
-                "channel_axes": (
-                    None
-                    if self.channel_axes is None
-                    else {k: list(v) for k, v in self.channel_axes.items()}
-                ),
+                "channel_axes": layouts.channel_axes_config(self.channel_axes),
             }
         )
         return config
-
-
-def view(x, layout):
-    """`x` reshaped to the layout's view."""
-    return ops.reshape(x, layout.view)
 
 
 # -- which kernels a normalization layer makes scale-invariant ---------------

@@ -6,7 +6,6 @@ from keras import ops
 from keras_adamp._base import check_range
 from keras_adamp._docs import base_optimizer_keyword_args
 from keras_adamp._spherical import SphericalOptimizer
-from keras_adamp._spherical import view
 from keras_adamp.adamp import _one_minus_power
 
 
@@ -154,9 +153,9 @@ class AdamS(SphericalOptimizer):
             self.assign(variable, variable - step_size * m_new / denom)
             return
 
-        w = view(variable, layout)
-        g = view(g, layout)
-        m_new = b1 * view(m, layout) + (1.0 - b1) * g
+        w = layout.to_view(variable)
+        g = layout.to_view(g)
+        m_new = b1 * layout.to_view(m) + (1.0 - b1) * g
         v_new = b2 * v + (1.0 - b2) * layout.group_sum(ops.square(g))
         denom = ops.sqrt(v_new) / sqrt_bc2 + eps
         # v sums the group's squares: sqrt(d) turns it back into a mean.

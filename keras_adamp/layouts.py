@@ -110,6 +110,13 @@ class ChannelLayout:
     def numel(self):
         return self.group_size * self.num_channels
 
+    def to_view(self, x):
+        """`x` (of the variable's shape) reshaped to ``view``; no op if it is
+        already of that shape."""
+        if tuple(x.shape) == self.view:
+            return x
+        return ops.reshape(x, self.view)
+
     def group_sum(self, x):
         """Sums a tensor of shape ``view`` within each group: ``(num_channels,)``."""
         total = ops.sum(x, axis=self.reduce_axes)
@@ -230,6 +237,14 @@ def static_rule_is_a_guess(shape, path):
     if shape[-1] == 1:
         return words != ["depthwise"]
     return bool(words) or any(d > _MAX_CONV_EXTENT for d in shape[:-2])
+
+
+def channel_axes_config(channel_axes):
+    """A validated ``channel_axes`` as stored in an optimizer's config (JSON:
+    lists, not tuples)."""
+    if channel_axes is None:
+        return None
+    return {pattern: list(axes) for pattern, axes in channel_axes.items()}
 
 
 def validate_channel_axes(channel_axes):

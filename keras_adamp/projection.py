@@ -99,7 +99,7 @@ def _channel_sums(w, g, u, layout):
     """
     k = _block_count(layout)
     if k == 1:
-        w, g, u = (_reshaped(x, layout.view) for x in (w, g, u))
+        w, g, u = (None if x is None else layout.to_view(x) for x in (w, g, u))
     else:
         shape = (k, layout.view[0] // k, layout.num_channels)
         # A list of k slices each: x[0], ..., x[k-1].

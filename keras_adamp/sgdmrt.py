@@ -4,7 +4,6 @@ from keras import ops
 from keras_adamp._base import check_range
 from keras_adamp._docs import base_optimizer_keyword_args
 from keras_adamp._spherical import SphericalOptimizer
-from keras_adamp._spherical import view
 
 
 @keras.saving.register_keras_serializable(package="keras_adamp")
@@ -120,9 +119,9 @@ class SGDMRT(SphericalOptimizer):
             layout = self._plan.layouts[index]
             buf_new, _ = self._transport(
                 layout,
-                view(buf_new, layout),
-                view(variable, layout),
-                view(w_new, layout),
+                layout.to_view(buf_new),
+                layout.to_view(variable),
+                layout.to_view(w_new),
             )
             buf_new = ops.reshape(buf_new, layout.shape)
         self.assign(buf, buf_new)
