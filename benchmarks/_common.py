@@ -64,7 +64,7 @@ def ratio_table(values, pairs, label):
     for name in values:
         for ours, base in pairs:
             if name == ours or name.startswith((ours + " [", ours + " cpu")):
-                other = base + name[len(ours):]
+                other = base + name[len(ours) :]
                 if other in values:
                     ratios[f"{ours}/{other}"] = values[name] / values[other]
     print(f"{label}:")

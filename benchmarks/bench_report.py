@@ -12,7 +12,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import _common
 
 
 def main():
@@ -20,8 +20,12 @@ def main():
     parser.add_argument("--backend", default="tensorflow")
     parser.add_argument("--size", type=int, default=96, help="image side")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="reports timed (the first one is the figure)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="reports timed (the first one is the figure)",
+    )
     args = parser.parse_args()
     _common.select_backend(args.backend)
 
@@ -35,17 +39,18 @@ def main():
     model = keras.applications.MobileNetV2(
         weights=None, input_shape=(args.size, args.size, 3), classes=10
     )
-    model.compile(optimizer=keras_adamp.AdamP(),
-                  loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=keras_adamp.AdamP(), loss="sparse_categorical_crossentropy")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, args.size, args.size, 3)).astype("float32")
     y = rng.integers(0, 10, args.batch)
     for i in range(args.repeats):
         t0 = time.perf_counter()
         rows = diagnostics.scale_invariance_report(model, x, y)
-        print(f"{args.backend} report {i + 1}: {time.perf_counter() - t0:.2f} s "
-              f"({len(rows)} variables, load {os.getloadavg()[0]:.1f})",
-              flush=True)
+        print(
+            f"{args.backend} report {i + 1}: {time.perf_counter() - t0:.2f} s "
+            f"({len(rows)} variables, load {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
     print(diagnostics.format_report(rows).splitlines()[-1])
 
 

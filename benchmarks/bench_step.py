@@ -33,7 +33,11 @@ import argparse
 import os
 import statistics
 
-from _common import machine, ratio_table, select_backend, time_rounds, write_json
+from _common import machine
+from _common import ratio_table
+from _common import select_backend
+from _common import time_rounds
+from _common import write_json
 
 
 def parse_args(argv=None):
@@ -106,11 +110,10 @@ if ARGS is not None:
     if ARGS.compare:
         OTHER = import_other(ARGS.compare)
 
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-
-import keras_adamp  # noqa: E402
+import keras_adamp
 
 WEIGHT_DECAY_ADAM = 1e-2
 WEIGHT_DECAY_SGD = 1e-4
@@ -218,9 +221,7 @@ def built_optimizers(specs, weights):
     """Yields (name, optimizer, variables, slot report): each optimizer of
     `keras_optimizers()` built on its own copy of the variables."""
     for name, factory in keras_optimizers().items():
-        variables = [
-            keras.Variable(w, name=n) for (n, _), w in zip(specs, weights)
-        ]
+        variables = [keras.Variable(w, name=n) for (n, _), w in zip(specs, weights)]
         optimizer = factory()
         optimizer.build(variables)
         yield name, optimizer, variables, slot_report(optimizer, variables)
@@ -235,9 +236,7 @@ def tf_steppers(specs, weights, grads, jit):
     sizes = {}
     slots = {}
     tf_grads = [tf.constant(g) for g in grads]
-    for name, optimizer, variables, slots[name] in built_optimizers(
-        specs, weights
-    ):
+    for name, optimizer, variables, slots[name] in built_optimizers(specs, weights):
         fn = tf.function(_apply_fn(optimizer, variables), jit_compile=jit)
 
         def run(fn=fn):
@@ -260,9 +259,7 @@ def jax_steppers(specs, weights, grads):
     sizes = {}
     slots = {}
     jax_grads = [jax.numpy.asarray(g) for g in grads]
-    for name, optimizer, variables, slots[name] in built_optimizers(
-        specs, weights
-    ):
+    for name, optimizer, variables, slots[name] in built_optimizers(specs, weights):
         state = {
             "train": [v.value for v in variables],
             "opt": [v.value for v in optimizer.variables],
@@ -359,9 +356,15 @@ def main(args):
         f"{args.model}: {len(specs)} variables, {numel / 1e6:.2f} M parameters; "
         f"backend {keras.backend.backend()}"
     )
-    result = {"machine": machine(), "model": args.model,
-              "compare": getattr(OTHER, "__file__", None), "variables": len(specs),
-              "parameters": numel, "rounds": args.rounds, "steps": args.steps}
+    result = {
+        "machine": machine(),
+        "model": args.model,
+        "compare": getattr(OTHER, "__file__", None),
+        "variables": len(specs),
+        "parameters": numel,
+        "rounds": args.rounds,
+        "steps": args.steps,
+    }
     steppers = {}
     sizes = {}
     slots = None

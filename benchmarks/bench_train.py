@@ -24,7 +24,11 @@ import argparse
 import os
 import statistics
 
-from _common import machine, ratio_table, select_backend, time_rounds, write_json
+from _common import machine
+from _common import ratio_table
+from _common import select_backend
+from _common import time_rounds
+from _common import write_json
 
 
 def parse_args(argv=None):
@@ -34,9 +38,7 @@ def parse_args(argv=None):
         default=os.environ.get("KERAS_BACKEND", "tensorflow"),
         choices=["tensorflow", "jax", "torch"],
     )
-    parser.add_argument(
-        "--model", default="resnet20", choices=["resnet20", "resnet50"]
-    )
+    parser.add_argument("--model", default="resnet20", choices=["resnet20", "resnet50"])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per round")
@@ -52,11 +54,10 @@ ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None:
     select_backend(ARGS.backend)
 
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-
-import keras_adamp  # noqa: E402
+import keras_adamp
 
 
 def resnet20(num_classes=10):
@@ -64,9 +65,9 @@ def resnet20(num_classes=10):
     layers = keras.layers
 
     def conv_bn(x, filters, strides=1, relu=True):
-        x = layers.Conv2D(
-            filters, 3, strides=strides, padding="same", use_bias=False
-        )(x)
+        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(
+            x
+        )
         x = layers.BatchNormalization()(x)
         return layers.ReLU()(x) if relu else x
 

@@ -24,12 +24,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
+import train_resnet
 
-import train_resnet  # noqa: E402  (the sibling example)
-
-LABELS = {"sgd": "SGD", "sgdp": "SGDP", "adam": "Adam", "adamw": "AdamW",
-          "adamp": "AdamP"}
+LABELS = {
+    "sgd": "SGD",
+    "sgdp": "SGDP",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "adamp": "AdamP",
+}
 
 
 def run_all(optimizers, argv=()):
@@ -49,15 +53,20 @@ def run_all(optimizers, argv=()):
 
 def table(results):
     """Norm growth, mean effective step over the first third of training, accuracy."""
-    lines = [f"{'optimizer':<9} {'||w|| start':>11} {'||w|| end':>9} {'growth':>8} "
-             f"{'eff. step (first third)':>23} {'test acc':>8}"]
+    lines = [
+        (
+            f"{'optimizer':<9} {'||w|| start':>11} {'||w|| end':>9} {'growth':>8} "
+            f"{'eff. step (first third)':>23} {'test acc':>8}"
+        )
+    ]
     for name, r in results.items():
         steps = r["effective_steps"]
         early = float(np.mean(steps[: max(1, len(steps) // 3)]))
         growth = 100 * (r["norm"] / r["initial_norm"] - 1)
         lines.append(
             f"{LABELS[name]:<9} {r['initial_norm']:>11.3f} {r['norm']:>9.3f} "
-            f"{growth:>+7.2f}% {early:>23.2e} {r['test_accuracy']:>8.4f}")
+            f"{growth:>+7.2f}% {early:>23.2e} {r['test_accuracy']:>8.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -67,16 +76,22 @@ def plot(results, filename):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"sgd": ("tab:blue", "--"), "sgdp": ("tab:blue", "-"),
-              "adam": ("tab:red", "--"), "adamw": ("tab:red", "--"),
-              "adamp": ("tab:red", "-")}
+    styles = {
+        "sgd": ("tab:blue", "--"),
+        "sgdp": ("tab:blue", "-"),
+        "adam": ("tab:red", "--"),
+        "adamw": ("tab:red", "--"),
+        "adamp": ("tab:red", "-"),
+    }
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.3), dpi=80)
     for name, r in results.items():
         color, line = styles[name]
         kw = dict(color=color, ls=line, label=LABELS[name], lw=1.4)
-        epochs = range(0, len(r["norms"]) + 1)
+        epochs = range(len(r["norms"]) + 1)
         axes[0].plot(epochs, [r["initial_norm"], *r["norms"]], **kw)
-        axes[1].plot(range(1, len(r["effective_steps"]) + 1), r["effective_steps"], **kw)
+        axes[1].plot(
+            range(1, len(r["effective_steps"]) + 1), r["effective_steps"], **kw
+        )
         axes[2].plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], **kw)
     axes[0].set_title("mean ||w|| of scale-invariant kernels")
     axes[1].set_title("mean effective step size")
@@ -94,8 +109,11 @@ def plot(results, filename):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=".", help="directory for norm_growth.png")
-    p.add_argument("--optimizers", default="sgd,sgdp,adamw,adamp",
-                   help="comma-separated, from " + ",".join(LABELS))
+    p.add_argument(
+        "--optimizers",
+        default="sgd,sgdp,adamw,adamp",
+        help="comma-separated, from " + ",".join(LABELS),
+    )
     args, rest = p.parse_known_args(argv)
     optimizers = args.optimizers.split(",")
     unknown = [o for o in optimizers if o not in LABELS]

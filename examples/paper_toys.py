@@ -51,8 +51,9 @@ def spherical(w):
 
 
 def from_spherical(psi, phi, r=1.0):
-    return r * np.array([math.cos(phi) * math.sin(psi), math.sin(phi),
-                         math.cos(phi) * math.cos(psi)])
+    return r * np.array(
+        [math.cos(phi) * math.sin(psi), math.sin(phi), math.cos(phi) * math.cos(psi)]
+    )
 
 
 W0_3D = from_spherical(-2.0 / C, 2.0 / C)  # (cψ, cφ) = (-2, 2)
@@ -77,6 +78,7 @@ def rosenbrock_loss(w):
 
 
 # ---------------------------------------------------------------- running
+
 
 def run(optimizer, loss_fn, w0, steps, l2=0.0):
     """Minimises `loss_fn` from `w0` with a Keras optimizer.
@@ -143,8 +145,10 @@ def toy_3d(steps=1000, lr=8e-6, l2=5.0, adam_lr=0.1):
         "Adam": (keras.optimizers.Adam(linear(adam_lr), epsilon=1e-8), 0.0),
         "AdamP": (keras_adamp.AdamP(linear(adam_lr)), 0.0),
     }
-    return {k: run(opt, rosenbrock_loss, W0_3D, steps, l2=wd)
-            for k, (opt, wd) in runs.items()}
+    return {
+        k: run(opt, rosenbrock_loss, W0_3D, steps, l2=wd)
+        for k, (opt, wd) in runs.items()
+    }
 
 
 def norms(results):
@@ -157,6 +161,7 @@ def norms(results):
 
 
 # ---------------------------------------------------------------- plots
+
 
 def plot_2d(results, filename):
     import matplotlib
@@ -234,11 +239,15 @@ def main(argv=None):
     table["3D"] = norms(results)
     for toy, rows in table.items():
         print(f"{toy} toy ({args.steps_2d if toy == '2D' else args.steps_3d} steps)")
-        print(f"  {'optimizer':<22} {'final ||w||':>11} {'max ||w||':>10} {'final loss':>11}")
+        print(
+            f"  {'optimizer':<22} {'final ||w||':>11} {'max ||w||':>10} {'final loss':>11}"
+        )
         for label, (final, peak, loss) in rows.items():
             print(f"  {label:<22} {final:>11.3f} {peak:>10.3f} {loss:>11.4g}")
-    print(f"plots: {os.path.join(args.out, 'toy_2d.png')}, "
-          f"{os.path.join(args.out, 'toy_3d.png')}")
+    print(
+        f"plots: {os.path.join(args.out, 'toy_2d.png')}, "
+        f"{os.path.join(args.out, 'toy_3d.png')}"
+    )
     return table
 
 

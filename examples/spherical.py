@@ -30,12 +30,19 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
+import train_resnet
 
-import train_resnet  # noqa: E402  (the sibling example: data, model, baselines)
-
-LABELS = {"adam": "Adam", "adamw": "AdamW", "adamp": "AdamP", "adams": "AdamS",
-          "adamsrt": "AdamSRT", "sgd": "SGD", "sgdp": "SGDP", "sgdmrt": "SGDMRT"}
+LABELS = {
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "adamp": "AdamP",
+    "adams": "AdamS",
+    "adamsrt": "AdamSRT",
+    "sgd": "SGD",
+    "sgdp": "SGDP",
+    "sgdmrt": "SGDMRT",
+}
 SPHERICAL = {
     "adams": {"learning_rate": 1e-3, "l2": 1e-4},
     "adamsrt": {"learning_rate": 1e-3, "l2": 1e-4},
@@ -53,14 +60,26 @@ def make_optimizer(name, total_steps, spherical):
         return train_resnet.make_optimizer(name, total_steps)
     kwargs = dict(SPHERICAL[name])
     schedule = keras.optimizers.schedules.CosineDecay(
-        kwargs.pop("learning_rate"), max(total_steps, 1))
-    cls = {"adams": keras_adamp.AdamS, "adamsrt": keras_adamp.AdamSRT,
-           "sgdmrt": keras_adamp.SGDMRT}[name]
+        kwargs.pop("learning_rate"), max(total_steps, 1)
+    )
+    cls = {
+        "adams": keras_adamp.AdamS,
+        "adamsrt": keras_adamp.AdamSRT,
+        "sgdmrt": keras_adamp.SGDMRT,
+    }[name]
     return cls(schedule, spherical=spherical, **kwargs)
 
 
-def run_all(optimizers, epochs, batch_size=64, steps_per_epoch=None,
-            dataset="digits", model_name="resnet20", image_size=None, seed=0):
+def run_all(
+    optimizers,
+    epochs,
+    batch_size=64,
+    steps_per_epoch=None,
+    dataset="digits",
+    model_name="resnet20",
+    image_size=None,
+    seed=0,
+):
     """Trains once per optimizer from the same initial weights."""
     import keras
 
@@ -68,7 +87,8 @@ def run_all(optimizers, epochs, batch_size=64, steps_per_epoch=None,
     from keras_adamp.callbacks import ScaleInvariantNormMonitor
 
     x_tr, y_tr, x_te, y_te, classes = train_resnet.load_dataset(
-        dataset, image_size, seed)
+        dataset, image_size, seed
+    )
     keras.utils.set_random_seed(seed)
     model = train_resnet.build_model(model_name, x_tr.shape[1:], classes)
     initial = model.get_weights()
@@ -86,9 +106,14 @@ def run_all(optimizers, epochs, batch_size=64, steps_per_epoch=None,
         monitor = ScaleInvariantNormMonitor(variables=spherical, every_n_steps=5)
         start = time.time()
         history = model.fit(
-            x_tr, y_tr, batch_size=batch_size, epochs=epochs,
-            steps_per_epoch=steps_per_epoch, validation_data=(x_te, y_te),
-            callbacks=[monitor], verbose=0,
+            x_tr,
+            y_tr,
+            batch_size=batch_size,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=(x_te, y_te),
+            callbacks=[monitor],
+            verbose=0,
         )
         _, accuracy = model.evaluate(x_te, y_te, verbose=0)
         results[name] = {
@@ -100,23 +125,31 @@ def run_all(optimizers, epochs, batch_size=64, steps_per_epoch=None,
             "kernels": len(monitor.tracked_paths),
             "seconds": time.time() - start,
         }
-        print(f"{LABELS[name]:<8} test accuracy {accuracy:.4f} "
-              f"({results[name]['seconds']:.0f} s)", flush=True)
+        print(
+            f"{LABELS[name]:<8} test accuracy {accuracy:.4f} "
+            f"({results[name]['seconds']:.0f} s)",
+            flush=True,
+        )
     return results
 
 
 def table(results):
     """Accuracy, kernel norm growth, mean effective step over the first third
     of training (later the cosine schedule dominates it)."""
-    lines = [f"{'optimizer':<9} {'test acc':>8} {'||w|| start':>11} {'||w|| end':>9} "
-             f"{'growth':>8} {'eff. step (first third)':>23}"]
+    lines = [
+        (
+            f"{'optimizer':<9} {'test acc':>8} {'||w|| start':>11} {'||w|| end':>9} "
+            f"{'growth':>8} {'eff. step (first third)':>23}"
+        )
+    ]
     for name, r in results.items():
         steps = r["effective_steps"]
         early = float(np.mean(steps[: max(1, len(steps) // 3)]))
         growth = 100 * (r["norms"][-1] / r["initial_norm"] - 1)
         lines.append(
             f"{LABELS[name]:<9} {r['test_accuracy']:>8.4f} {r['initial_norm']:>11.3f} "
-            f"{r['norms'][-1]:>9.3f} {growth:>+7.2f}% {early:>23.2e}")
+            f"{r['norms'][-1]:>9.3f} {growth:>+7.2f}% {early:>23.2e}"
+        )
     return "\n".join(lines)
 
 
@@ -126,15 +159,28 @@ def plot(results, filename):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"adam": "tab:red", "adamw": "tab:orange", "adamp": "tab:brown",
-              "adams": "tab:green", "adamsrt": "tab:olive", "sgd": "tab:blue",
-              "sgdp": "tab:cyan", "sgdmrt": "tab:purple"}
+    colors = {
+        "adam": "tab:red",
+        "adamw": "tab:orange",
+        "adamp": "tab:brown",
+        "adams": "tab:green",
+        "adamsrt": "tab:olive",
+        "sgd": "tab:blue",
+        "sgdp": "tab:cyan",
+        "sgdmrt": "tab:purple",
+    }
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=80)
     for name, r in results.items():
-        kw = dict(color=colors[name], label=LABELS[name], lw=1.4,
-                  ls="-" if name in SPHERICAL else "--")
+        kw = dict(
+            color=colors[name],
+            label=LABELS[name],
+            lw=1.4,
+            ls="-" if name in SPHERICAL else "--",
+        )
         axes[0].plot(range(len(r["norms"]) + 1), [r["initial_norm"], *r["norms"]], **kw)
-        axes[1].plot(range(1, len(r["effective_steps"]) + 1), r["effective_steps"], **kw)
+        axes[1].plot(
+            range(1, len(r["effective_steps"]) + 1), r["effective_steps"], **kw
+        )
         axes[2].plot(range(1, len(r["val_accuracy"]) + 1), r["val_accuracy"], **kw)
     axes[0].set_title("mean ||w|| of the normalized kernels")
     axes[1].set_title("mean effective step size")
@@ -152,13 +198,18 @@ def plot(results, filename):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=".", help="directory for spherical.png")
-    p.add_argument("--optimizers", default=",".join(LABELS),
-                   help="comma-separated, from " + ",".join(LABELS))
+    p.add_argument(
+        "--optimizers",
+        default=",".join(LABELS),
+        help="comma-separated, from " + ",".join(LABELS),
+    )
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--dataset", default="digits", help="digits | cifar10 | synthetic")
-    p.add_argument("--model", default="resnet20", choices=["resnet8", "resnet20", "resnet56"])
+    p.add_argument(
+        "--model", default="resnet20", choices=["resnet8", "resnet20", "resnet56"]
+    )
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -166,8 +217,16 @@ def main(argv=None):
     unknown = [o for o in optimizers if o not in LABELS]
     if unknown:
         p.error(f"unknown optimizer(s) {unknown}")
-    results = run_all(optimizers, args.epochs, args.batch_size, args.steps_per_epoch,
-                      args.dataset, args.model, args.image_size, args.seed)
+    results = run_all(
+        optimizers,
+        args.epochs,
+        args.batch_size,
+        args.steps_per_epoch,
+        args.dataset,
+        args.model,
+        args.image_size,
+        args.seed,
+    )
     os.makedirs(args.out, exist_ok=True)
     filename = os.path.join(args.out, "spherical.png")
     plot(results, filename)

@@ -55,33 +55,67 @@ OPTIMIZER_DEFAULTS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet20",
-                   choices=["resnet8", "resnet20", "resnet56", "resnet50"],
-                   help="resnet8 is for quick smoke tests")
+    p.add_argument(
+        "--model",
+        default="resnet20",
+        choices=["resnet8", "resnet20", "resnet56", "resnet50"],
+        help="resnet8 is for quick smoke tests",
+    )
     p.add_argument("--optimizer", default="sgdp", choices=sorted(OPTIMIZER_DEFAULTS))
-    p.add_argument("--learning-rate", type=float, default=None,
-                   help="peak learning rate (default: the paper's, per optimizer)")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help="decoupled weight decay (default: the paper's, per optimizer)")
-    p.add_argument("--dataset", default="digits",
-                   help="digits | cifar10 | synthetic | tfds:NAME")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize images to this (default: 16 for digits, "
-                        "32 for cifar10/synthetic, 224 for tfds with resnet50)")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="peak learning rate (default: the paper's, per optimizer)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="decoupled weight decay (default: the paper's, per optimizer)",
+    )
+    p.add_argument(
+        "--dataset", default="digits", help="digits | cifar10 | synthetic | tfds:NAME"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize images to this (default: 16 for digits, "
+        "32 for cifar10/synthetic, 224 for tfds with resnet50)",
+    )
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="per replica; the global batch is this times the replicas")
-    p.add_argument("--steps-per-epoch", type=int, default=None,
-                   help="cap the steps per epoch (smoke tests)")
-    p.add_argument("--strategy", default="auto",
-                   choices=["auto", "tpu", "multi_worker", "mirrored", "default"],
-                   help="TensorFlow backend; JAX uses keras.distribution "
-                        "(DataParallel over every device of every process)")
-    p.add_argument("--cpu-replicas", type=int, default=0,
-                   help="split the CPU into this many logical devices first "
-                        "(to try MirroredStrategy without GPUs)")
-    p.add_argument("--mixed-precision", action="store_true",
-                   help="mixed_float16 (GPU) or mixed_bfloat16 (TPU)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="per replica; the global batch is this times the replicas",
+    )
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="cap the steps per epoch (smoke tests)",
+    )
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        choices=["auto", "tpu", "multi_worker", "mirrored", "default"],
+        help="TensorFlow backend; JAX uses keras.distribution "
+        "(DataParallel over every device of every process)",
+    )
+    p.add_argument(
+        "--cpu-replicas",
+        type=int,
+        default=0,
+        help="split the CPU into this many logical devices first "
+        "(to try MirroredStrategy without GPUs)",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="mixed_float16 (GPU) or mixed_bfloat16 (TPU)",
+    )
     p.add_argument("--jit", action="store_true", help="compile with XLA")
     p.add_argument("--logdir", default=None, help="TensorBoard log directory")
     p.add_argument("--save", default=None, help="save the model to PATH.keras")
@@ -91,6 +125,7 @@ def parse_args(argv=None):
 
 
 # -- strategy ---------------------------------------------------------------
+
 
 def configure_cpu_replicas(n):
     """Splits the CPU into `n` logical devices. Must run before TF initialises."""
@@ -109,15 +144,24 @@ def find_tpu(resolver_factory=None):
     factory = resolver_factory or tf.distribute.cluster_resolver.TPUClusterResolver
     try:
         resolver = factory()
-        if not resolver.master() and not os.environ.get("TPU_NAME"):
-            # Local TPU VMs report an empty master; they list TPU devices.
-            if not tf.config.list_logical_devices("TPU"):
-                return None
+        # Local TPU VMs report an empty master; they list TPU devices.
+        if (
+            not resolver.master()
+            and not os.environ.get("TPU_NAME")
+            and not tf.config.list_logical_devices("TPU")
+        ):
+            return None
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return resolver
-    except (ValueError, RuntimeError, NotImplementedError, KeyError,
-            tf.errors.NotFoundError, tf.errors.UnavailableError):
+    except (
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        KeyError,
+        tf.errors.NotFoundError,
+        tf.errors.UnavailableError,
+    ):
         return None
 
 
@@ -164,7 +208,10 @@ def select_strategy(name="auto", resolver_factory=None):
     return tf.distribute.get_strategy(), "default"
 
 
-JAX_ENVIRONMENT = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES")
+JAX_ENVIRONMENT = (
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES",
+)
 
 
 def start_jax_distribution(environ=None):
@@ -185,7 +232,8 @@ def start_jax_distribution(environ=None):
     devices = keras.distribution.list_devices()
     if len(devices) > 1:
         keras.distribution.set_distribution(
-            keras.distribution.DataParallel(devices=devices))
+            keras.distribution.DataParallel(devices=devices)
+        )
     return len(devices), jax.process_index(), jax.process_count()
 
 
@@ -195,11 +243,14 @@ def is_chief(strategy):
     if resolver is None or not resolver.task_type:
         return True
     return resolver.task_type == "chief" or (
-        resolver.task_type == "worker" and resolver.task_id == 0
-        and "chief" not in resolver.cluster_spec().as_dict())
+        resolver.task_type == "worker"
+        and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict()
+    )
 
 
 # -- data -------------------------------------------------------------------
+
 
 def load_dataset(name, image_size=None, seed=0):
     """(x_train, y_train, x_test, y_test, num_classes), float32 images in [0, 1]
@@ -225,11 +276,18 @@ def load_dataset(name, image_size=None, seed=0):
 
         (x_tr, y_tr), (x_te, y_te) = keras.datasets.cifar10.load_data()
         size = image_size or 32
-        prep = lambda a: (  # noqa: E731
-            a.astype("float32") / 255.0 if size == 32
+        prep = lambda a: (
+            a.astype("float32") / 255.0
+            if size == 32
             else tf.image.resize(a.astype("float32") / 255.0, (size, size)).numpy()
         )
-        return prep(x_tr), y_tr[:, 0].astype("int32"), prep(x_te), y_te[:, 0].astype("int32"), 10
+        return (
+            prep(x_tr),
+            y_tr[:, 0].astype("int32"),
+            prep(x_te),
+            y_te[:, 0].astype("int32"),
+            10,
+        )
     if name == "synthetic":
         size = image_size or 32
         x = rng.random((512, size, size, 3), dtype="float32")
@@ -237,24 +295,36 @@ def load_dataset(name, image_size=None, seed=0):
         return x[:384], y[:384], x[384:], y[384:], 10
     if name.startswith("tfds:"):
         return _load_tfds(name[5:], image_size or 224)
-    raise ValueError(f"unknown dataset {name!r}: digits | cifar10 | synthetic | tfds:NAME")
+    raise ValueError(
+        f"unknown dataset {name!r}: digits | cifar10 | synthetic | tfds:NAME"
+    )
 
 
 def _load_tfds(name, size):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    (train, test), info = tfds.load(name, split=["train", "test" if "test" in
-                                    tfds.builder(name).info.splits else "validation"],
-                                    as_supervised=True, with_info=True)
+    (train, test), info = tfds.load(
+        name,
+        split=[
+            "train",
+            "test" if "test" in tfds.builder(name).info.splits else "validation",
+        ],
+        as_supervised=True,
+        with_info=True,
+    )
 
     def prep(image, label):
         image = tf.image.resize(tf.cast(image, "float32") / 255.0, (size, size))
         return image, tf.cast(label, "int32")
 
-    return (train.map(prep, num_parallel_calls=tf.data.AUTOTUNE), None,
-            test.map(prep, num_parallel_calls=tf.data.AUTOTUNE), None,
-            info.features["label"].num_classes)
+    return (
+        train.map(prep, num_parallel_calls=tf.data.AUTOTUNE),
+        None,
+        test.map(prep, num_parallel_calls=tf.data.AUTOTUNE),
+        None,
+        info.features["label"].num_classes,
+    )
 
 
 def make_pipeline(x, y, batch_size, training, seed=0, drop_remainder=None):
@@ -272,13 +342,18 @@ def make_pipeline(x, y, batch_size, training, seed=0, drop_remainder=None):
     # Several workers: worker i takes per-replica batches i, i + n, ... of the
     # same stream (there are no files to split).
     options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA)
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
     drop = training if drop_remainder is None else drop_remainder
-    return (ds.batch(batch_size, drop_remainder=drop).with_options(options)
-            .prefetch(tf.data.AUTOTUNE))
+    return (
+        ds.batch(batch_size, drop_remainder=drop)
+        .with_options(options)
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 # -- model ------------------------------------------------------------------
+
 
 def cifar_resnet(depth, input_shape, num_classes):
     """He et al. (2016) CIFAR ResNet-(6n+2): 3 stages of n basic blocks, 16/32/64
@@ -292,9 +367,15 @@ def cifar_resnet(depth, input_shape, num_classes):
     n = (depth - 2) // 6
 
     def conv_bn(x, filters, stride, kernel=3, name=None):
-        x = layers.Conv2D(filters, kernel, strides=stride, padding="same",
-                          use_bias=False, kernel_initializer="he_normal",
-                          name=f"{name}_conv")(x)
+        x = layers.Conv2D(
+            filters,
+            kernel,
+            strides=stride,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            name=f"{name}_conv",
+        )(x)
         # momentum 0.9: the moving statistics must settle within a few hundred
         # steps on small data sets (Keras's 0.99 leaves them off at test time).
         return layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
@@ -320,10 +401,12 @@ def build_model(name, input_shape, num_classes):
 
     if name == "resnet50":
         return keras.applications.ResNet50(
-            weights=None, input_shape=input_shape, classes=num_classes,
+            weights=None,
+            input_shape=input_shape,
+            classes=num_classes,
             classifier_activation=None,
         )
-    return cifar_resnet(int(name[len("resnet"):]), input_shape, num_classes)
+    return cifar_resnet(int(name[len("resnet") :]), input_shape, num_classes)
 
 
 def make_optimizer(name, total_steps, learning_rate=None, weight_decay=None):
@@ -339,8 +422,9 @@ def make_optimizer(name, total_steps, learning_rate=None, weight_decay=None):
     if name == "sgdp":
         return keras_adamp.SGDP(schedule, momentum=0.9, nesterov=True, weight_decay=wd)
     if name == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
-                                    weight_decay=wd or None)
+        return keras.optimizers.SGD(
+            schedule, momentum=0.9, nesterov=True, weight_decay=wd or None
+        )
     if name == "adamp":
         return keras_adamp.AdamP(schedule, weight_decay=wd)
     if name == "adamw":
@@ -350,8 +434,18 @@ def make_optimizer(name, total_steps, learning_rate=None, weight_decay=None):
 
 # -- training -----------------------------------------------------------------
 
-def train_custom_loop(model, strategy, train_ds, test_ds, global_batch, epochs,
-                      steps, callbacks, verbose=1):
+
+def train_custom_loop(
+    model,
+    strategy,
+    train_ds,
+    test_ds,
+    global_batch,
+    epochs,
+    steps,
+    callbacks,
+    verbose=1,
+):
     """What `fit` and `evaluate` do, with strategy.run: Keras 3.15's `fit`
     fails under MultiWorkerMirroredStrategy (keras-team/keras#20585), with
     its own optimizers too. Returns (History, a function giving the test
@@ -360,7 +454,8 @@ def train_custom_loop(model, strategy, train_ds, test_ds, global_batch, epochs,
     import tensorflow as tf
 
     per_example = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=None)
+        from_logits=True, reduction=None
+    )
     optimizer = model.optimizer
 
     def replica_train_step(x, y):
@@ -369,7 +464,8 @@ def train_custom_loop(model, strategy, train_ds, test_ds, global_batch, epochs,
             # Each replica's share of the global-batch mean: the all-reduced
             # gradient is then the global batch's.
             loss = tf.nn.compute_average_loss(
-                per_example(y, logits), global_batch_size=global_batch)
+                per_example(y, logits), global_batch_size=global_batch
+            )
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             # A LossScaleOptimizer (--mixed-precision) unscales what it gets.
@@ -380,10 +476,14 @@ def train_custom_loop(model, strategy, train_ds, test_ds, global_batch, epochs,
 
     def replica_test_step(x, y):
         logits = model(x, training=False)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y),
-                          "float32")
-        return (tf.reduce_sum(per_example(y, logits)), tf.reduce_sum(correct),
-                tf.cast(tf.size(y), "float32"))
+        correct = tf.cast(
+            tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), "float32"
+        )
+        return (
+            tf.reduce_sum(per_example(y, logits)),
+            tf.reduce_sum(correct),
+            tf.cast(tf.size(y), "float32"),
+        )
 
     @tf.function
     def train_step(iterator):
@@ -404,8 +504,13 @@ def train_custom_loop(model, strategy, train_ds, test_ds, global_batch, epochs,
 
     history = keras.callbacks.History()
     callbacks = keras.callbacks.CallbackList(
-        [*callbacks, history], add_progbar=verbose > 0, model=model,
-        epochs=epochs, steps=steps, verbose=verbose)
+        [*callbacks, history],
+        add_progbar=verbose > 0,
+        model=model,
+        epochs=epochs,
+        steps=steps,
+        verbose=verbose,
+    )
     iterator = iter(strategy.experimental_distribute_dataset(train_ds.repeat()))
     callbacks.on_train_begin()
     for epoch in range(epochs):
@@ -417,8 +522,10 @@ def train_custom_loop(model, strategy, train_ds, test_ds, global_batch, epochs,
             total += loss
             callbacks.on_train_batch_end(step, {"loss": loss})
         val_loss, val_accuracy = evaluate()
-        callbacks.on_epoch_end(epoch, {"loss": total / steps, "val_loss": val_loss,
-                                       "val_accuracy": val_accuracy})
+        callbacks.on_epoch_end(
+            epoch,
+            {"loss": total / steps, "val_loss": val_loss, "val_accuracy": val_accuracy},
+        )
     callbacks.on_train_end()
     return history, evaluate
 
@@ -465,14 +572,21 @@ def train(args, extra_callbacks=()):
     global_batch = args.batch_size * replicas
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy(
-            "mixed_bfloat16" if kind == "tpu" else "mixed_float16")
+            "mixed_bfloat16" if kind == "tpu" else "mixed_float16"
+        )
 
     x_tr, y_tr, x_te, y_te, num_classes = load_dataset(
-        args.dataset, args.image_size, args.seed)
+        args.dataset, args.image_size, args.seed
+    )
     train_ds = make_pipeline(x_tr, y_tr, global_batch, True, args.seed)
     # A sharded batch must split evenly over the devices of several processes.
-    test_ds = make_pipeline(x_te, y_te, global_batch, False,
-                            drop_remainder=kind == "data_parallel" and processes > 1)
+    test_ds = make_pipeline(
+        x_te,
+        y_te,
+        global_batch,
+        False,
+        drop_remainder=kind == "data_parallel" and processes > 1,
+    )
     if y_tr is not None:
         steps = len(x_tr) // global_batch
         input_shape = x_tr.shape[1:]
@@ -488,14 +602,17 @@ def train(args, extra_callbacks=()):
         steps = min(steps, args.steps_per_epoch) if steps > 0 else args.steps_per_epoch
         train_ds = train_ds.repeat()
     workers = f", {processes} processes" if processes > 1 else ""
-    print(f"strategy: {kind} ({replicas} replica(s){workers}), global batch "
-          f"{global_batch}, {steps} steps/epoch, {args.epochs} epochs, {args.optimizer}, "
-          f"{args.model} on {args.dataset} {tuple(input_shape)}")
+    print(
+        f"strategy: {kind} ({replicas} replica(s){workers}), global batch "
+        f"{global_batch}, {steps} steps/epoch, {args.epochs} epochs, {args.optimizer}, "
+        f"{args.model} on {args.dataset} {tuple(input_shape)}"
+    )
 
     with strategy.scope():
         model = build_model(args.model, tuple(input_shape), num_classes)
-        optimizer = make_optimizer(args.optimizer, steps * args.epochs,
-                                   args.learning_rate, args.weight_decay)
+        optimizer = make_optimizer(
+            args.optimizer, steps * args.epochs, args.learning_rate, args.weight_decay
+        )
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -512,14 +629,25 @@ def train(args, extra_callbacks=()):
     start = time.time()
     if kind == "multi_worker":
         history, evaluate = train_custom_loop(
-            model, strategy, train_ds, test_ds, global_batch, args.epochs, steps,
-            callbacks, verbose=args.verbose if chief else 0)
+            model,
+            strategy,
+            train_ds,
+            test_ds,
+            global_batch,
+            args.epochs,
+            steps,
+            callbacks,
+            verbose=args.verbose if chief else 0,
+        )
         seconds = time.time() - start
         loss, accuracy = evaluate()
     else:
         history = model.fit(
-            train_ds, epochs=args.epochs, steps_per_epoch=steps,
-            validation_data=test_ds, callbacks=callbacks,
+            train_ds,
+            epochs=args.epochs,
+            steps_per_epoch=steps,
+            validation_data=test_ds,
+            callbacks=callbacks,
             verbose=args.verbose if chief else 0,
             shuffle=False,  # tf.data shuffles
         )
@@ -555,9 +683,11 @@ def main(argv=None):
         configure_cpu_replicas(args.cpu_replicas)
     r = train(args)
     print(f"test accuracy: {r['test_accuracy']:.4f}")
-    print(f"mean norm of the scale-invariant kernels: {r['initial_norm']:.3f} -> "
-          f"{r['norm']:.3f} ({r['scale_invariant_kernels']} of {r['kernels']} kernels "
-          f"flagged by the optimizer's test)")
+    print(
+        f"mean norm of the scale-invariant kernels: {r['initial_norm']:.3f} -> "
+        f"{r['norm']:.3f} ({r['scale_invariant_kernels']} of {r['kernels']} kernels "
+        f"flagged by the optimizer's test)"
+    )
     print(f"training time: {r['fit_seconds']:.1f} s")
     if args.save and r["chief"]:
         print(f"saved: {args.save}")

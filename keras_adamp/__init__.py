@@ -19,31 +19,31 @@ except ImportError as error:
         "do it), and pick it with KERAS_BACKEND=tensorflow|jax|torch."
     ) from error
 
-from keras_adamp import callbacks  # noqa: E402
-from keras_adamp import diagnostics  # noqa: E402
-from keras_adamp import layouts  # noqa: E402
-from keras_adamp import projection  # noqa: E402
-from keras_adamp._spherical import normalized_kernel_axes  # noqa: E402
-from keras_adamp._spherical import normalized_kernels  # noqa: E402
-from keras_adamp.adamp import AdamP  # noqa: E402
-from keras_adamp.adams import AdamS  # noqa: E402
-from keras_adamp.adamsrt import AdamSRT  # noqa: E402
-from keras_adamp.layouts import channel_axes_for  # noqa: E402
-from keras_adamp.sgdmrt import SGDMRT  # noqa: E402
-from keras_adamp.sgdp import SGDP  # noqa: E402
+from keras_adamp import callbacks
+from keras_adamp import diagnostics
+from keras_adamp import layouts
+from keras_adamp import projection
+from keras_adamp._spherical import normalized_kernel_axes
+from keras_adamp._spherical import normalized_kernels
+from keras_adamp.adamp import AdamP
+from keras_adamp.adams import AdamS
+from keras_adamp.adamsrt import AdamSRT
+from keras_adamp.layouts import channel_axes_for
+from keras_adamp.sgdmrt import SGDMRT
+from keras_adamp.sgdp import SGDP
 
 __all__ = [
+    "SGDMRT",
+    "SGDP",
     "AdamP",
     "AdamS",
     "AdamSRT",
-    "SGDMRT",
-    "SGDP",
-    "channel_axes_for",
-    "normalized_kernel_axes",
-    "normalized_kernels",
+    "__version__",
     "callbacks",
+    "channel_axes_for",
     "diagnostics",
     "layouts",
+    "normalized_kernel_axes",
+    "normalized_kernels",
     "projection",
-    "__version__",
 ]

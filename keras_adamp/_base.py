@@ -16,11 +16,7 @@ def check_range(name, value, low, high=None, high_inclusive=False):
     """Raises ValueError naming `name` unless low <= value < high (or <= high)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"`{name}` must be a number. Received: {name}={value!r}")
-    upper_ok = (
-        high is None
-        or value < high
-        or (high_inclusive and value == high)
-    )
+    upper_ok = high is None or value < high or (high_inclusive and value == high)
     if not (value >= low and upper_ok):  # also rejects NaN
         if high is None:
             bounds = f">= {low}"
@@ -77,7 +73,9 @@ class _Step:
             results = projection.coefficients(
                 [layout for layout, _, _ in group],
                 [sums for _, sums, _ in group],
-                delta, wd_ratio, eps,
+                delta,
+                wd_ratio,
+                eps,
             )
             for (_, _, finish), (coef, ratio) in zip(group, results):
                 finish(coef, ratio)
@@ -232,8 +230,9 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
             self._step.shared[key] = compute()
         return self._step.shared[key]
 
-    def _update(self, index, variable, gradient, update, lr, step,
-                decay_scale=1.0, store=None):
+    def _update(
+        self, index, variable, gradient, update, lr, step, decay_scale=1.0, store=None
+    ):
         """Assigns ``variable <- decayed(variable) - step * projected(update)``
         (and ``store <- projected(update)`` if `store` is given), now or, in a
         batched step, once all variables' projections are decided.
@@ -260,10 +259,16 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
                 scale = 1.0 + step * coef
                 if self._decays(variable):
                     scale = scale - self._decay_rate(lr, decay_scale) * ratio
-                self.assign(variable, projection.per_channel(
-                    lambda w, u, s: w * s - step * u, scale, layout,
-                    variable, update,
-                ))
+                self.assign(
+                    variable,
+                    projection.per_channel(
+                        lambda w, u, s: w * s - step * u,
+                        scale,
+                        layout,
+                        variable,
+                        update,
+                    ),
+                )
                 return
             u = projection.remove_radial(variable, update, coef, layout)
             ratio = ops.cast(ratio, u.dtype)
@@ -308,4 +313,3 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
             }
         )
         return config
-

@@ -19,6 +19,7 @@ grouping (``group_sum``) and the broadcast back (``per_element``).
 """
 
 import dataclasses
+import itertools
 import re
 import warnings
 
@@ -55,9 +56,7 @@ def _paths_regex(chosen, universe):
     if not chosen:
         return NONE
     chosen_ids = {id(v) for v in chosen}
-    others = [
-        layouts.variable_path(v) for v in universe if id(v) not in chosen_ids
-    ]
+    others = [layouts.variable_path(v) for v in universe if id(v) not in chosen_ids]
     tails = []
     for v in chosen:
         parts = layouts.variable_path(v).split("/")
@@ -91,8 +90,10 @@ def validate_spherical(spherical):
         return spherical
     if isinstance(spherical, (list, tuple)):
         for v in spherical:
-            if isinstance(v, str) or not hasattr(v, "shape") or not (
-                getattr(v, "path", None) or getattr(v, "name", None)
+            if (
+                isinstance(v, str)
+                or not hasattr(v, "shape")
+                or not (getattr(v, "path", None) or getattr(v, "name", None))
             ):
                 raise ValueError(
                     "`spherical` as a list must hold variables (a regular "
@@ -158,8 +159,7 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
     # What a variable that is not designated is updated by (for messages).
     _plain = "Adam"
 
-    def __init__(self, learning_rate, l2, spherical, channel_axes, name=None,
-                 **kwargs):
+    def __init__(self, learning_rate, l2, spherical, channel_axes, name=None, **kwargs):
         if name is None:
             name = unique_name(type(self).__name__.lower())
         if isinstance(learning_rate, (int, float)) and not isinstance(
@@ -209,8 +209,7 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
         self._plan = _VariablePlan(
             layouts=tuple(plan_layouts),
             transports=tuple(
-                layout is not None and layout.group_size > 1
-                for layout in plan_layouts
+                layout is not None and layout.group_size > 1 for layout in plan_layouts
             ),
         )
 
@@ -227,19 +226,22 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
                 continue
             firsts.append(
                 self.add_variable_from_reference(variable, "momentum")
-                if first_moment else None
+                if first_moment
+                else None
             )
             if not second_moment:
                 seconds.append(None)
             elif layout is None:
                 seconds.append(self.add_variable_from_reference(variable, "velocity"))
             else:
-                seconds.append(self.add_variable(
-                    shape=(layout.num_channels,),
-                    dtype=variable.dtype,
-                    name=layouts.variable_path(variable).replace("/", "_")
-                    + "_group_velocity",
-                ))
+                seconds.append(
+                    self.add_variable(
+                        shape=(layout.num_channels,),
+                        dtype=variable.dtype,
+                        name=layouts.variable_path(variable).replace("/", "_")
+                        + "_group_velocity",
+                    )
+                )
         return firsts, seconds
 
     # The gradient must be dense for the group sums; AdamP's densification.
@@ -303,7 +305,9 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
 
 _BATCH_NORM = ("BatchNormalization",)
 _WHOLE_NORMS = (
-    "LayerNormalization", "GroupNormalization", "RMSNormalization",
+    "LayerNormalization",
+    "GroupNormalization",
+    "RMSNormalization",
     "UnitNormalization",
 )
 
@@ -334,7 +338,8 @@ def _kernels(layer):
     DepthwiseConv*), not those of its sublayers (an attention layer's)."""
     own = getattr(layer, "path", None)
     return [
-        v for v in layer.trainable_weights
+        v
+        for v in layer.trainable_weights
         if layouts.variable_path(v) == f"{own}/kernel"
     ]
 
@@ -355,9 +360,7 @@ def _walk(model, found):
         if _is_graph_model(layer):
             _walk(layer, found)
     if isinstance(model, keras.Sequential):
-        consumers = {
-            id(a): [b] for a, b in zip(members, members[1:])
-        }
+        consumers = {id(a): [b] for a, b in itertools.pairwise(members)}
     else:
         # Every operation of the graph, not only its layers: a kernel whose
         # output also feeds a `keras.ops` call is not only normalized.

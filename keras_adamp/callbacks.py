@@ -57,8 +57,9 @@ class ScaleInvariantNormMonitor(keras.callbacks.Callback):
             ``"effective_step"``.
     """
 
-    def __init__(self, data=None, variables=None, every_n_steps=10,
-                 prefix="scale_invariant_"):
+    def __init__(
+        self, data=None, variables=None, every_n_steps=10, prefix="scale_invariant_"
+    ):
         super().__init__()
         if every_n_steps is not None and (
             isinstance(every_n_steps, bool)
@@ -122,9 +123,7 @@ class ScaleInvariantNormMonitor(keras.callbacks.Callback):
         return ops.sqrt(ops.sum(ops.square(x)))
 
     def _mean_norm(self, values):
-        return float(np.mean([
-            ops.convert_to_numpy(self._norm(v)) for v in values
-        ]))
+        return float(np.mean([ops.convert_to_numpy(self._norm(v)) for v in values]))
 
     def _mean_effective_step(self, before, after):
         steps = []

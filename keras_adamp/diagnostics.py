@@ -127,14 +127,20 @@ def compute_gradients(model, x, y, loss=None, training=True, optimizer=None):
 
             def loss_of(trainable, non_trainable, x, y):
                 y_pred, _, losses = model.stateless_call(
-                    trainable, non_trainable, x, training=training,
+                    trainable,
+                    non_trainable,
+                    x,
+                    training=training,
                     return_losses=True,
                 )
                 return _total_loss(loss_fn(y, y_pred), losses) * scale
 
             grads = _jax_compiled(
                 jax.grad(loss_of),
-                [v.value for v in variables], [v.value for v in frozen], x, y,
+                [v.value for v in variables],
+                [v.value for v in frozen],
+                x,
+                y,
             )
         elif backend == "torch":
             import torch
@@ -209,14 +215,13 @@ def _layouts(optimizer, variables):
         except ValueError:
             pass  # built on other variables: fall back to the same rules
     return layouts.resolve_channel_axes(
-        variables, getattr(optimizer, "channel_axes", None),
+        variables,
+        getattr(optimizer, "channel_axes", None),
         owner="scale_invariance_report",
     )
 
 
-def scale_invariance_report(
-    model, x, y, optimizer=None, loss=None, gradients=None
-):
+def scale_invariance_report(model, x, y, optimizer=None, loss=None, gradients=None):
     """Runs the optimizer's scale-invariance test on one batch's gradients.
 
     Args:
@@ -253,14 +258,16 @@ def scale_invariance_report(
     delta, eps = _test_settings(optimizer)
     variable_layouts = _layouts(optimizer, variables)
     tested = [
-        i for i, (g, layout) in enumerate(zip(gradients, variable_layouts))
+        i
+        for i, (g, layout) in enumerate(zip(gradients, variable_layouts))
         if g is not None and layout is not None
     ]
     results = _tests(
         [variables[i].value for i in tested],
         [_unscaled(gradients[i], variables[i].dtype, 1.0) for i in tested],
         tuple(variable_layouts[i] for i in tested),
-        delta, eps,
+        delta,
+        eps,
     )
     results = dict(zip(tested, results))
     return [
@@ -292,8 +299,7 @@ def _tests(ws, gs, variable_layouts, delta, eps):
             decision = ops.where(
                 channel_wise,
                 projection.CHANNEL_WISE,
-                ops.where(layer_wise, projection.LAYER_WISE,
-                          projection.NOT_PROJECTED),
+                ops.where(layer_wise, projection.LAYER_WISE, projection.NOT_PROJECTED),
             )
             out.append((decision, max_cos, layer_cos))
         return out
@@ -323,7 +329,8 @@ def _jax_compiled(fn, *args):
     lowered = jax.jit(fn).lower(*args)
     try:
         compiled = lowered.compile(compiler_options=_FAST_COMPILE)
-    except Exception:  # an XLA without these options: compile as jax.jit does
+    # An XLA without these options: compile as jax.jit does.
+    except Exception:  # noqa: BLE001
         compiled = lowered.compile()
     return compiled(*args)
 
@@ -341,14 +348,29 @@ def _row(variable, gradient, layout, delta, result):
     layer_threshold = delta / math.sqrt(layout.numel)
     if gradient is None:
         return VariableReport(
-            variable.path, shape, layout.channel_axes, layout.num_channels,
-            NO_GRADIENT, nan, channel_threshold, nan, layer_threshold, norm,
+            variable.path,
+            shape,
+            layout.channel_axes,
+            layout.num_channels,
+            NO_GRADIENT,
+            nan,
+            channel_threshold,
+            nan,
+            layer_threshold,
+            norm,
         )
     decision, max_channel_cos, layer_cos = result
     return VariableReport(
-        variable.path, shape, layout.channel_axes, layout.num_channels,
-        _DECISIONS[int(decision)], float(max_channel_cos),
-        channel_threshold, float(layer_cos), layer_threshold, norm,
+        variable.path,
+        shape,
+        layout.channel_axes,
+        layout.num_channels,
+        _DECISIONS[int(decision)],
+        float(max_channel_cos),
+        channel_threshold,
+        float(layer_cos),
+        layer_threshold,
+        norm,
     )
 
 
@@ -374,25 +396,39 @@ def summarize(rows):
 
 def format_report(rows):
     """The report as a fixed-width text table, with a summary line."""
-    header = ("variable", "shape", "channels", "decision", "max|cos_c|",
-              "thr_c", "|cos|", "thr", "||w||")
+    header = (
+        "variable",
+        "shape",
+        "channels",
+        "decision",
+        "max|cos_c|",
+        "thr_c",
+        "|cos|",
+        "thr",
+        "||w||",
+    )
     lines = []
     for row in rows:
-        lines.append((
-            row.path,
-            "x".join(str(d) for d in row.shape) or "()",
-            "-" if row.channel_axes is None
-            else f"{row.num_channels} by {list(row.channel_axes)}",
-            row.decision,
-            _fmt(row.max_channel_cos),
-            _fmt(row.channel_threshold),
-            _fmt(row.layer_cos),
-            _fmt(row.layer_threshold),
-            _fmt(row.norm),
-        ))
+        lines.append(
+            (
+                row.path,
+                "x".join(str(d) for d in row.shape) or "()",
+                "-"
+                if row.channel_axes is None
+                else f"{row.num_channels} by {list(row.channel_axes)}",
+                row.decision,
+                _fmt(row.max_channel_cos),
+                _fmt(row.channel_threshold),
+                _fmt(row.layer_cos),
+                _fmt(row.layer_threshold),
+                _fmt(row.norm),
+            )
+        )
     widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines]
+    out += [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines
+    ]
     summary = summarize(rows)
     share = summary["projected_params"] / max(summary["total_params"], 1)
     out.append(
@@ -406,6 +442,6 @@ def format_report(rows):
 
 
 def _fmt(value):
-    if value != value:  # nan
+    if math.isnan(value):
         return "-"
     return f"{value:.3g}"

@@ -102,7 +102,12 @@ class ChannelLayout:
         while len(broadcast) > 1 and broadcast[0] == 1:
             broadcast.pop(0)
         return cls(
-            shape, axes, view, reduce_axes, numel // channels, channels,
+            shape,
+            axes,
+            view,
+            reduce_axes,
+            numel // channels,
+            channels,
             tuple(broadcast),
         )
 
@@ -205,8 +210,15 @@ def default_channel_axes(shape, name=None):
 # rules cannot know: a transposed convolution (its kernel is (*k, out, in)),
 # a depthwise one (depth multiplier > 1 is read as a Conv), attention and
 # EinsumDense kernels (their output axes come from an equation).
-_AMBIGUOUS_PATH_WORDS = ("transpose", "depthwise", "einsum", "attention",
-                         "query", "key", "value")
+_AMBIGUOUS_PATH_WORDS = (
+    "transpose",
+    "depthwise",
+    "einsum",
+    "attention",
+    "query",
+    "key",
+    "value",
+)
 # No Keras convolution kernel has a spatial extent above this; an
 # EinsumDense kernel (d_model, heads, head_dim) read as a Conv1D would.
 _MAX_CONV_EXTENT = 32
@@ -287,8 +299,7 @@ def validate_channel_axes(channel_axes):
     return clean
 
 
-def resolve_channel_axes(variables, channel_axes=None, warn=True,
-                         owner=None):
+def resolve_channel_axes(variables, channel_axes=None, warn=True, owner=None):
     """The layout of each variable: the override if a pattern matches, else
     :func:`default_channel_axes`.
 
@@ -375,7 +386,7 @@ def resolve_channel_axes(variables, channel_axes=None, warn=True,
 
 def variable_path(variable):
     path = getattr(variable, "path", None) or variable.name
-    return path[:-2] if path.endswith(":0") else path
+    return path.removesuffix(":0")
 
 
 def channel_axes_for(model):
@@ -509,24 +520,29 @@ def _layer_channel_axes(layer, name, ndim):
             return _einsum_output_axes(layer.equation, ndim)
         return None
     rules = (
-        ((layers.Conv1DTranspose, layers.Conv2DTranspose,
-          layers.Conv3DTranspose), {"kernel": (ndim - 2,)}),
-        ((layers.DepthwiseConv1D, layers.DepthwiseConv2D),
-         {"kernel": two_last}),
-        ((layers.SeparableConv1D, layers.SeparableConv2D),
-         {"depthwise_kernel": two_last, "pointwise_kernel": last}),
-        ((layers.Dense, layers.Conv1D, layers.Conv2D, layers.Conv3D),
-         {"kernel": last}),
+        (
+            (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose),
+            {"kernel": (ndim - 2,)},
+        ),
+        ((layers.DepthwiseConv1D, layers.DepthwiseConv2D), {"kernel": two_last}),
+        (
+            (layers.SeparableConv1D, layers.SeparableConv2D),
+            {"depthwise_kernel": two_last, "pointwise_kernel": last},
+        ),
+        ((layers.Dense, layers.Conv1D, layers.Conv2D, layers.Conv3D), {"kernel": last}),
         ((layers.Embedding,), {"embeddings": (0,)}),
-        ((layers.SimpleRNNCell, layers.LSTMCell, layers.GRUCell),
-         {"kernel": last, "recurrent_kernel": last}),
+        (
+            (layers.SimpleRNNCell, layers.LSTMCell, layers.GRUCell),
+            {"kernel": last, "recurrent_kernel": last},
+        ),
     )
     for classes, by_name in rules:
         if isinstance(layer, classes):
             return by_name.get(name)
     # ConvLSTM1D/2D/3D's cell is not exported: (*k, in, 4 * filters).
     if type(layer).__name__ == "ConvLSTMCell" and name in (
-        "kernel", "recurrent_kernel"
+        "kernel",
+        "recurrent_kernel",
     ):
         return last
     return None

@@ -56,7 +56,7 @@ _XLA_STYLE_BACKENDS = ("tensorflow", "jax")
 _BLOCKS = (4, 2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _block_count(layout):
     """How many row blocks `_channel_sums` adds elementwise before reducing
     (1: reduce directly). A static fact of the layout (and of the process's
@@ -265,7 +265,7 @@ def per_channel(fn, coef, layout, *tensors):
     return fn(*tensors, coef)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trailing_channels(layout):
     """The shape a `(C,)` tensor takes to broadcast against the variable's own
     shape, or None if its output axes are not the trailing ones."""

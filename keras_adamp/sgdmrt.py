@@ -100,9 +100,7 @@ class SGDMRT(SphericalOptimizer):
             return
         super().build(var_list)
         # Like Keras's SGD: no buffer without momentum.
-        self._momentums, _ = self._add_slots(
-            var_list, first_moment=self.momentum != 0
-        )
+        self._momentums, _ = self._add_slots(var_list, first_moment=self.momentum != 0)
 
     def update_step(self, gradient, variable, learning_rate):
         """Update step given gradient and the associated model variable."""

@@ -234,7 +234,9 @@ def jax_jit_traces(workdir):
         calls = []
         update_step = optimizer.update_step
 
-        def counting_update_step(gradient, variable, learning_rate):
+        def counting_update_step(
+            gradient, variable, learning_rate, calls=calls, update_step=update_step
+        ):
             calls.append(isinstance(gradient, jax.core.Tracer))
             return update_step(gradient, variable, learning_rate)
 

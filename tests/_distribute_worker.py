@@ -10,19 +10,19 @@ import sys
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2
 )
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
+from _data import digits
 
-from _data import digits  # noqa: E402
-from keras_adamp import AdamP  # noqa: E402
-from keras_adamp import SGDP  # noqa: E402
+from keras_adamp import SGDP
+from keras_adamp import AdamP
 
 GLOBAL_BATCH = 32
 OPTIMIZERS = {

@@ -128,6 +128,7 @@ class Run:
 
 # ---------------------------------------------------------------- TensorFlow
 
+
 def tf_strategy(index, addresses):
     os.environ["TF_CONFIG"] = json.dumps(
         {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
@@ -146,8 +147,10 @@ def tf_dataset(x, y):
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
     )
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH).with_options(
-        options
+    return (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .batch(GLOBAL_BATCH)
+        .with_options(options)
     )
 
 
@@ -188,7 +191,7 @@ def tf_train(index, addresses, out):
             model.compile(optimizer=optimizer, loss=loss_fn())
             optimizer.build(model.trainable_variables)
 
-        def save_first_epoch(epoch):
+        def save_first_epoch(epoch, model=model, name=name):
             # Only the chief writes the checkpoint; reading the mirrored
             # variables is local, so the other worker need not take part.
             if epoch == 0 and index == 0:
@@ -207,7 +210,7 @@ def tf_train(index, addresses, out):
             model.compile(optimizer=make(), loss=loss_fn())
         try:
             model.fit(tf_dataset(x, y), epochs=EPOCHS, verbose=0)
-        except Exception as exc:  # reported to the test, which decides
+        except Exception as exc:  # noqa: BLE001 (reported to the test, which decides)
             out.error(f"tf_fit_{name}", exc)
             continue
         out.weights(f"tf_fit_{name}", model, iterations=steps(model.optimizer))
@@ -235,6 +238,7 @@ def tf_resume(index, addresses, out):
 
 
 # ---------------------------------------------------------------- JAX
+
 
 def jax_train(index, addresses, out):
     import keras
@@ -286,6 +290,7 @@ def jax_train(index, addresses, out):
 
 # ---------------------------------------------------------------- torch
 
+
 def torch_train(index, addresses, out):
     import torch
     import torch.distributed as dist
@@ -308,8 +313,8 @@ def torch_train(index, addresses, out):
             for _ in range(EPOCHS):
                 for start in range(0, SAMPLES, GLOBAL_BATCH):
                     lo = start + index * local
-                    xb = torch.as_tensor(x[lo:lo + local])
-                    yb = torch.as_tensor(y[lo:lo + local])
+                    xb = torch.as_tensor(x[lo : lo + local])
+                    yb = torch.as_tensor(y[lo : lo + local])
                     loss = per_example(yb, ddp(xb, training=True))
                     model.zero_grad()
                     loss.backward()

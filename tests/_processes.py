@@ -47,8 +47,7 @@ def worker_env(backend):
         TF_NUM_INTEROP_THREADS="2",
         OMP_NUM_THREADS="1",
         TF_CPP_MIN_LOG_LEVEL="2",
-        XLA_FLAGS="--xla_cpu_multi_thread_eigen=false "
-        "intra_op_parallelism_threads=1",
+        XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
         JAX_PLATFORMS="cpu",
     )
     return env
@@ -61,7 +60,8 @@ def launch(command, envs, cwd, timeout=240):
     procs, logs = [], []
     try:
         for i, env in enumerate(envs):
-            log = open(os.path.join(cwd, f"worker{i}.log"), "w+")
+            # Closed in the `finally` below, after the logs are read.
+            log = open(os.path.join(cwd, f"worker{i}.log"), "w+")  # noqa: SIM115
             logs.append(log)
             procs.append(
                 subprocess.Popen(

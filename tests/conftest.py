@@ -27,8 +27,7 @@ def oracle():
 BACKEND_MARKERS = {
     "tensorflow_only": (
         "tensorflow",
-        "needs the TensorFlow backend (tf.distribute, IndexedSlices, "
-        "tf.function)",
+        "needs the TensorFlow backend (tf.distribute, IndexedSlices, tf.function)",
     ),
 }
 

@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_adamp import AdamP
 from keras_adamp import SGDP
+from keras_adamp import AdamP
 
 
 def small_model():
@@ -49,8 +49,12 @@ def test_override_naming_no_variable_warns_naming_the_variables(cls):
         match=r"'conv_transpose'.*match no variable.*ignored.*"
         r"conv/kernel' \(3, 3, 2, 3\).*head/kernel' \(48, 4\)",
     ):
-        model.fit(np.ones((4, 6, 6, 2), "float32"), np.zeros((4, 4), "float32"),
-                  epochs=1, verbose=0)
+        model.fit(
+            np.ones((4, 6, 6, 2), "float32"),
+            np.zeros((4, 4), "float32"),
+            epochs=1,
+            verbose=0,
+        )
 
 
 @pytest.mark.parametrize("cls", [AdamP, SGDP])

@@ -6,7 +6,8 @@ import os
 import keras
 import numpy as np
 import pytest
-from keras import layers, ops
+from keras import layers
+from keras import ops
 
 import keras_adamp
 from keras_adamp.callbacks import ScaleInvariantNormMonitor
@@ -14,14 +15,17 @@ from keras_adamp.callbacks import ScaleInvariantNormMonitor
 
 def _model(optimizer):
     keras.utils.set_random_seed(3)
-    model = keras.Sequential([
-        keras.Input((6, 6, 2)),
-        layers.Conv2D(8, 3, use_bias=False, name="conv"),
-        layers.BatchNormalization(name="bn"),
-        layers.ReLU(),
-        layers.GlobalAveragePooling2D(),
-        layers.Dense(3, name="head"),
-    ], name="net")
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            layers.Conv2D(8, 3, use_bias=False, name="conv"),
+            layers.BatchNormalization(name="bn"),
+            layers.ReLU(),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(3, name="head"),
+        ],
+        name="net",
+    )
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -31,8 +35,10 @@ def _model(optimizer):
 
 def _data(n=32):
     rng = np.random.default_rng(0)
-    return (rng.normal(size=(n, 6, 6, 2)).astype("float32"),
-            rng.integers(0, 3, n).astype("int32"))
+    return (
+        rng.normal(size=(n, 6, 6, 2)).astype("float32"),
+        rng.integers(0, 3, n).astype("int32"),
+    )
 
 
 def _kernel(model):
@@ -48,8 +54,9 @@ def test_logs_exact_norm_and_effective_step():
     model = _model(keras_adamp.SGDP(0.5, momentum=0.9))
     monitor = ScaleInvariantNormMonitor(variables="conv/kernel", every_n_steps=1)
     w0 = _kernel(model)
-    history = model.fit(x, y, batch_size=8, epochs=1, shuffle=False,
-                        callbacks=[monitor], verbose=0)
+    history = model.fit(
+        x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[monitor], verbose=0
+    )
     w1 = _kernel(model)
     assert monitor.tracked_paths == ["net/conv/kernel"]
     assert monitor.initial_norm == pytest.approx(np.linalg.norm(w0), rel=1e-5)
@@ -85,8 +92,9 @@ def test_momentum_grows_the_norm_and_the_projection_does_not():
     ]:
         model = _model(optimizer)
         monitor = ScaleInvariantNormMonitor(variables="conv/kernel")
-        model.fit(x, y, batch_size=8, epochs=3, shuffle=False,
-                  callbacks=[monitor], verbose=0)
+        model.fit(
+            x, y, batch_size=8, epochs=3, shuffle=False, callbacks=[monitor], verbose=0
+        )
         growth[name] = monitor.epochs["norm"][-1] / monitor.initial_norm - 1
     assert growth["sgdp"] >= 0  # ||w||^2 grows by lr^2 ||u||^2: never shrinks
     assert growth["sgd"] > 3 * growth["sgdp"]
@@ -105,8 +113,9 @@ def test_every_n_steps_writes_batch_logs():
     x, y = _data()
     model = _model(keras_adamp.SGDP(0.1, momentum=0.9))
     recorder = _BatchLogs()
-    monitor = ScaleInvariantNormMonitor(variables=[model.get_layer("conv").kernel],
-                                        every_n_steps=2)
+    monitor = ScaleInvariantNormMonitor(
+        variables=[model.get_layer("conv").kernel], every_n_steps=2
+    )
     model.fit(x, y, batch_size=8, epochs=1, callbacks=[monitor, recorder], verbose=0)
     keys = ["scale_invariant_effective_step", "scale_invariant_norm"]
     assert recorder.keys == [keys, [], keys, []]
@@ -122,21 +131,36 @@ def test_no_variable_to_track_is_an_error():
     x, y = _data(8)
     model = _model(keras_adamp.SGDP(0.1))
     with pytest.raises(ValueError, match="no variable"):
-        model.fit(x, y, epochs=1, verbose=0,
-                  callbacks=[ScaleInvariantNormMonitor(variables="nothing-matches")])
+        model.fit(
+            x,
+            y,
+            epochs=1,
+            verbose=0,
+            callbacks=[ScaleInvariantNormMonitor(variables="nothing-matches")],
+        )
 
 
 @pytest.mark.tensorflow_only
 def test_values_reach_tensorboard(tmp_path):
     x, y = _data(16)
     model = _model(keras_adamp.SGDP(0.1, momentum=0.9))
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
-        ScaleInvariantNormMonitor(variables="conv/kernel"),
-        keras.callbacks.TensorBoard(str(tmp_path)),
-    ])
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+        callbacks=[
+            ScaleInvariantNormMonitor(variables="conv/kernel"),
+            keras.callbacks.TensorBoard(str(tmp_path)),
+        ],
+    )
     events = glob.glob(os.path.join(str(tmp_path), "train", "events.out.tfevents*"))
     assert events
-    content = b"".join(open(f, "rb").read() for f in events)
+    content = b""
+    for f in events:
+        with open(f, "rb") as handle:
+            content += handle.read()
     assert b"epoch_scale_invariant_norm" in content
     assert b"epoch_scale_invariant_effective_step" in content
 

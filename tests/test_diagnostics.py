@@ -3,7 +3,8 @@
 import keras
 import numpy as np
 import pytest
-from keras import layers, ops
+from keras import layers
+from keras import ops
 
 import keras_adamp
 from keras_adamp import diagnostics
@@ -29,8 +30,10 @@ def _model(optimizer=None):
 
 def _batch():
     rng = np.random.default_rng(0)
-    return (rng.normal(size=(16, 6, 6, 2)).astype("float32"),
-            rng.integers(0, 3, 16).astype("int32"))
+    return (
+        rng.normal(size=(16, 6, 6, 2)).astype("float32"),
+        rng.integers(0, 3, 16).astype("int32"),
+    )
 
 
 def _by_path(rows):
@@ -50,7 +53,11 @@ def test_report_flags_normalised_kernels_only():
     assert rows["bn/gamma"].decision == diagnostics.RANK_LE_1
     conv = rows["conv/kernel"]
     assert conv.channel_axes == (3,) and conv.num_channels == 4
-    assert conv.max_channel_cos < conv.channel_threshold == pytest.approx(0.1 / np.sqrt(18))
+    assert (
+        conv.max_channel_cos
+        < conv.channel_threshold
+        == pytest.approx(0.1 / np.sqrt(18))
+    )
     head = rows["head/kernel"]
     assert head.max_channel_cos >= head.channel_threshold
     assert head.layer_cos >= head.layer_threshold
@@ -93,7 +100,9 @@ def test_report_with_given_gradients():
             grads.append(np.zeros_like(value))  # zero gradient counts as invariant
         else:
             grads.append(None)
-    rows = _by_path(diagnostics.scale_invariance_report(model, None, None, gradients=grads))
+    rows = _by_path(
+        diagnostics.scale_invariance_report(model, None, None, gradients=grads)
+    )
     assert rows["conv/kernel"].decision == diagnostics.NOT_PROJECTED
     assert rows["conv/kernel"].max_channel_cos == pytest.approx(1.0, rel=1e-5)
     assert rows["head/kernel"].decision == diagnostics.CHANNEL_WISE
@@ -121,7 +130,8 @@ def test_needs_a_loss():
     with pytest.raises(ValueError, match="loss"):
         diagnostics.scale_invariance_report(uncompiled, *_batch())
     rows = diagnostics.scale_invariance_report(
-        uncompiled, *_batch(),
+        uncompiled,
+        *_batch(),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     assert _by_path(rows)["conv/kernel"].scale_invariant
@@ -134,7 +144,9 @@ def test_gradients_are_the_losses():
     x = np.arange(12, dtype="float32").reshape(4, 3) / 10
     w = ops.convert_to_numpy(model.layers[0].kernel)
     (g,) = diagnostics.compute_gradients(
-        model, x, np.zeros((4, 2), "float32"),
+        model,
+        x,
+        np.zeros((4, 2), "float32"),
         loss=lambda y_true, y_pred: ops.sum(ops.square(y_pred), axis=-1) / 2,
     )
     np.testing.assert_allclose(ops.convert_to_numpy(g), x.T @ (x @ w) / 4, rtol=1e-5)
@@ -164,8 +176,13 @@ def test_report_decisions_are_the_optimizers_test():
         layout = optimizer.channel_layout(v)
         if layout is None:
             continue
-        code = int(ops.convert_to_numpy(projection.scale_invariance(
-            v.value, g, layout, optimizer.delta, optimizer.epsilon)))
+        code = int(
+            ops.convert_to_numpy(
+                projection.scale_invariance(
+                    v.value, g, layout, optimizer.delta, optimizer.epsilon
+                )
+            )
+        )
         decided.append(row.decision)
         assert diagnostics._DECISIONS[code] == row.decision, row.path
     assert sorted(decided) == sorted(
@@ -177,21 +194,29 @@ def test_unet_transposed_kernels_are_channel_wise_with_channel_axes_for():
     from test_layouts import unet
 
     model = unet()
-    model.compile(loss="mse", optimizer=keras_adamp.AdamP(
-        channel_axes=keras_adamp.channel_axes_for(model)))
+    model.compile(
+        loss="mse",
+        optimizer=keras_adamp.AdamP(channel_axes=keras_adamp.channel_axes_for(model)),
+    )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 8, 8, 3)).astype("float32")
     y = rng.normal(size=(4, 8, 8, 2)).astype("float32")
     grads = diagnostics.compute_gradients(model, x, y)
-    rows = {r.path: r for r in diagnostics.scale_invariance_report(
-        model, None, None, gradients=grads)}
+    rows = {
+        r.path: r
+        for r in diagnostics.scale_invariance_report(model, None, None, gradients=grads)
+    }
     for name in ("down1", "down2", "up", "fuse"):  # each followed by BatchNorm
         assert rows[f"{name}/kernel"].decision == diagnostics.CHANNEL_WISE, name
     assert rows["up/kernel"].channel_axes == (2,)
     # Grouped by input channel (the static rules), the test fails per channel.
     static = diagnostics.scale_invariance_report(
-        model, None, None, gradients=grads,
-        optimizer=keras_adamp.AdamP(channel_axes={"up/kernel": [3]}))
+        model,
+        None,
+        None,
+        gradients=grads,
+        optimizer=keras_adamp.AdamP(channel_axes={"up/kernel": [3]}),
+    )
     up = next(r for r in static if r.path == "up/kernel")
     assert up.decision != diagnostics.CHANNEL_WISE
     assert up.max_channel_cos > up.channel_threshold
@@ -213,7 +238,8 @@ def residual_model(seed=3):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((8,))
     main = layers.LayerNormalization(name="ln")(
-        layers.Dense(8, use_bias=False, name="main")(inputs))
+        layers.Dense(8, use_bias=False, name="main")(inputs)
+    )
     tiny = layers.Rescaling(1e-7)(layers.Dense(8, use_bias=False, name="tiny")(inputs))
     x = layers.Add()([main, tiny])
     outputs = layers.Dense(3, name="head", dtype="float32")(x)
@@ -227,30 +253,38 @@ def residual_model(seed=3):
 
 def residual_batch():
     rng = np.random.default_rng(0)
-    return (rng.normal(size=(16, 8)).astype("float32"),
-            rng.integers(0, 3, 16).astype("int32"))
+    return (
+        rng.normal(size=(16, 8)).astype("float32"),
+        rng.integers(0, 3, 16).astype("int32"),
+    )
 
 
 def test_mixed_float16_report_gives_the_float32_decision(mixed_float16):
     x, y = residual_batch()
     keras.config.set_dtype_policy("float32")
     reference = residual_model()
-    expected = {r.path: r.decision
-                for r in diagnostics.scale_invariance_report(reference, x, y)}
+    expected = {
+        r.path: r.decision for r in diagnostics.scale_invariance_report(reference, x, y)
+    }
     keras.config.set_dtype_policy("mixed_float16")
     model = residual_model()
     model.set_weights(reference.get_weights())
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    rows = {r.path: r.decision for r in diagnostics.scale_invariance_report(model, x, y)}
+    rows = {
+        r.path: r.decision for r in diagnostics.scale_invariance_report(model, x, y)
+    }
     assert expected["tiny/kernel"] == diagnostics.NOT_PROJECTED
     assert expected["main/kernel"] == diagnostics.LAYER_WISE
     assert rows == expected
     # Without the loss scale, float16 flushes that gradient to 0, which
     # passes for scale invariance: what the report used to say.
-    unscaled = diagnostics.compute_gradients(
-        model, x, y, optimizer=keras_adamp.AdamP())
+    unscaled = diagnostics.compute_gradients(model, x, y, optimizer=keras_adamp.AdamP())
     index = [v.path for v in model.trainable_variables].index("tiny/kernel")
     assert not np.any(ops.convert_to_numpy(unscaled[index]))
-    naive = {r.path: r.decision for r in diagnostics.scale_invariance_report(
-        model, None, None, gradients=unscaled)}
+    naive = {
+        r.path: r.decision
+        for r in diagnostics.scale_invariance_report(
+            model, None, None, gradients=unscaled
+        )
+    }
     assert naive["tiny/kernel"] == diagnostics.CHANNEL_WISE

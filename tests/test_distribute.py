@@ -26,6 +26,7 @@ def results():
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "_distribute_worker.py")],
         env=env,
+        check=False,
         capture_output=True,
         text=True,
         timeout=600,

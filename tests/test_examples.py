@@ -18,13 +18,16 @@ EXAMPLES = os.path.join(ROOT, "examples")
 def _load(name):
     if EXAMPLES not in sys.path:
         sys.path.insert(0, EXAMPLES)  # norm_growth imports train_resnet
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(EXAMPLES, f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 # ------------------------------------------------------------ paper_toys (any backend)
+
 
 def _needs_matplotlib():
     # matplotlib comes with the `examples` extra; the `test` extra may lack it.
@@ -58,10 +61,12 @@ def test_rosenbrock_gradient_is_exact_and_tangent():
         w = toys.from_spherical(*rng.uniform(-1, 1, 2), r=rng.uniform(0.5, 2))
         loss, grad = toys.rosenbrock_loss(w)
         assert abs(grad @ w) <= 1e-9 * np.linalg.norm(grad) * np.linalg.norm(w)
-        numeric = np.array([
-            (toys.rosenbrock_loss(w + h)[0] - toys.rosenbrock_loss(w - h)[0]) / 2e-6
-            for h in np.eye(3) * 1e-6
-        ])
+        numeric = np.array(
+            [
+                (toys.rosenbrock_loss(w + h)[0] - toys.rosenbrock_loss(w - h)[0]) / 2e-6
+                for h in np.eye(3) * 1e-6
+            ]
+        )
         np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-4)
         # Scale-invariant: the same loss at 3 w.
         assert toys.rosenbrock_loss(3 * w)[0] == pytest.approx(loss)
@@ -71,6 +76,7 @@ def test_rosenbrock_gradient_is_exact_and_tangent():
 
 
 # ------------------------------------------------------------ train_resnet (TensorFlow)
+
 
 @pytest.mark.tensorflow_only
 def test_strategy_without_tpu_is_default():
@@ -119,10 +125,22 @@ def test_train_resnet_tiny_run_in_process(tmp_path, capsys):
     train_resnet = _load("train_resnet")
     save = tmp_path / "model.keras"
     logdir = tmp_path / "logs"
-    r = train_resnet.main([
-        "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "16",
-        "--verbose", "0", "--save", str(save), "--logdir", str(logdir),
-    ])
+    r = train_resnet.main(
+        [
+            "--epochs",
+            "2",
+            "--steps-per-epoch",
+            "3",
+            "--batch-size",
+            "16",
+            "--verbose",
+            "0",
+            "--save",
+            str(save),
+            "--logdir",
+            str(logdir),
+        ]
+    )
     out = capsys.readouterr().out
     assert "strategy: default" in out and "on digits (16, 16, 1)" in out
     acc = float(re.search(r"test accuracy: ([0-9.]+)", out).group(1))
@@ -157,7 +175,9 @@ def test_make_optimizer_paper_settings():
     assert isinstance(adamp, keras_adamp.AdamP) and adamp.weight_decay == 1e-2
     sgd = train_resnet.make_optimizer("sgd", 100)
     # SGDP's decay 1e-5 / (1 - 0.9), as Keras's decoupled decay.
-    assert isinstance(sgd, keras.optimizers.SGD) and sgd.weight_decay == pytest.approx(1e-4)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.weight_decay == pytest.approx(
+        1e-4
+    )
     assert train_resnet.cifar_resnet(56, (8, 8, 3), 10).count_params() > 8e5
 
 
@@ -165,12 +185,34 @@ def test_make_optimizer_paper_settings():
 def test_train_resnet_mirrored_over_two_logical_cpus(tmp_path):
     # Logical devices must be configured before TF initialises: a fresh process.
     result = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, "train_resnet.py"),
-         "--cpu-replicas", "2", "--strategy", "mirrored", "--dataset", "synthetic",
-         "--model", "resnet8",
-         "--image-size", "8", "--epochs", "1", "--steps-per-epoch", "2",
-         "--batch-size", "4", "--verbose", "0"],
-        capture_output=True, text=True, timeout=300, env=os.environ, cwd=str(tmp_path),
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "train_resnet.py"),
+            "--cpu-replicas",
+            "2",
+            "--strategy",
+            "mirrored",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "resnet8",
+            "--image-size",
+            "8",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--batch-size",
+            "4",
+            "--verbose",
+            "0",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ,
+        cwd=str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "strategy: mirrored (2 replica(s)), global batch 8" in result.stdout
@@ -184,16 +226,33 @@ def test_train_resnet_mirrored_over_two_logical_cpus(tmp_path):
 def test_norm_growth_tiny_run(tmp_path, capsys):
     _needs_matplotlib()
     norm_growth = _load("norm_growth")
-    results = norm_growth.main([
-        "--out", str(tmp_path), "--optimizers", "sgd,sgdp",
-        "--dataset", "synthetic", "--model", "resnet8", "--image-size", "8", "--epochs", "2",
-        "--steps-per-epoch", "2", "--batch-size", "8",
-    ])
+    results = norm_growth.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--optimizers",
+            "sgd,sgdp",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "resnet8",
+            "--image-size",
+            "8",
+            "--epochs",
+            "2",
+            "--steps-per-epoch",
+            "2",
+            "--batch-size",
+            "8",
+        ]
+    )
     assert (tmp_path / "norm_growth.png").stat().st_size > 10_000
     assert set(results) == {"sgd", "sgdp"}
     for r in results.values():
         assert len(r["norms"]) == 2
-        assert np.all(np.isfinite(r["norms"])) and np.all(np.isfinite(r["effective_steps"]))
+        assert np.all(np.isfinite(r["norms"])) and np.all(
+            np.isfinite(r["effective_steps"])
+        )
     out = capsys.readouterr().out
     assert "SGDP" in out and "growth" in out
 
@@ -209,8 +268,22 @@ _RUN_EXAMPLE = (
     "**{f't{i}': keras.ops.convert_to_numpy(w) for i, w in enumerate(m.trainable_weights)}, "
     "**{f'n{i}': keras.ops.convert_to_numpy(w) for i, w in enumerate(m.non_trainable_weights)})"
 )
-_TINY = ["--dataset", "synthetic", "--model", "resnet8", "--image-size", "8",
-         "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--verbose", "0"]
+_TINY = [
+    "--dataset",
+    "synthetic",
+    "--model",
+    "resnet8",
+    "--image-size",
+    "8",
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "2",
+    "--batch-size",
+    "4",
+    "--verbose",
+    "0",
+]
 
 
 def _example_on_two_processes(tmp_path, backend, cluster_env):
@@ -222,9 +295,19 @@ def _example_on_two_processes(tmp_path, backend, cluster_env):
     envs = [dict(worker_env(backend), **cluster_env(i)) for i in range(2)]
     save = tmp_path / "model.keras"
     logs = launch(
-        lambda i: [sys.executable, "-c", _RUN_EXAMPLE, EXAMPLES,
-                   str(tmp_path / f"weights{i}.npz"), *_TINY, "--save", str(save)],
-        envs, str(tmp_path), timeout=420,
+        lambda i: [
+            sys.executable,
+            "-c",
+            _RUN_EXAMPLE,
+            EXAMPLES,
+            str(tmp_path / f"weights{i}.npz"),
+            *_TINY,
+            "--save",
+            str(save),
+        ],
+        envs,
+        str(tmp_path),
+        timeout=420,
     )
     weights = []
     for i in range(2):
@@ -244,12 +327,15 @@ def _assert_trained_alike(logs, weights, save, kind, statistics_shared):
     assert "saved:" in logs[0] and "saved:" not in logs[1]  # the chief writes
     assert save.stat().st_size > 0
     assert weights[0].keys() == weights[1].keys()
-    assert sum(name.startswith("t") for name in weights[0]) == 29  # 9 convs, 9 BNs (gamma, beta), the head
+    assert (
+        sum(name.startswith("t") for name in weights[0]) == 29
+    )  # 9 convs, 9 BNs (gamma, beta), the head
     for name, value in weights[0].items():
         if name.startswith("t") or statistics_shared:
             np.testing.assert_array_equal(value, weights[1][name], err_msg=name)
-    norms = [float(re.search(r"kernels: [0-9.]+ -> ([0-9.]+)", log).group(1))
-             for log in logs]
+    norms = [
+        float(re.search(r"kernels: [0-9.]+ -> ([0-9.]+)", log).group(1)) for log in logs
+    ]
     assert norms[0] == norms[1] and math.isfinite(norms[0])
 
 
@@ -262,8 +348,11 @@ def test_train_resnet_two_workers_from_tf_config(tmp_path):
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
 
     def tf_config(i):
-        return {"TF_CONFIG": json.dumps({"cluster": {"worker": workers},
-                                         "task": {"type": "worker", "index": i}})}
+        return {
+            "TF_CONFIG": json.dumps(
+                {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+            )
+        }
 
     logs, weights, save = _example_on_two_processes(tmp_path, "tensorflow", tf_config)
     _assert_trained_alike(logs, weights, save, "multi_worker", statistics_shared=False)
@@ -276,9 +365,11 @@ def test_train_resnet_two_jax_processes_from_keras_distribution_env(tmp_path):
     coordinator = f"127.0.0.1:{free_ports(1)[0]}"
 
     def keras_env(i):
-        return {"KERAS_DISTRIBUTION_JOB_ADDRESSES": coordinator,
-                "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
-                "KERAS_DISTRIBUTION_PROCESS_ID": str(i)}
+        return {
+            "KERAS_DISTRIBUTION_JOB_ADDRESSES": coordinator,
+            "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+            "KERAS_DISTRIBUTION_PROCESS_ID": str(i),
+        }
 
     logs, weights, save = _example_on_two_processes(tmp_path, "jax", keras_env)
     _assert_trained_alike(logs, weights, save, "data_parallel", statistics_shared=True)

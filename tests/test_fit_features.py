@@ -5,10 +5,10 @@ global_clipnorm."""
 import keras
 import numpy as np
 import pytest
-
 from _data import digits
-from keras_adamp import AdamP
+
 from keras_adamp import SGDP
+from keras_adamp import AdamP
 
 OPTIMIZERS = {
     "adamp": lambda **kw: AdamP(learning_rate=0.01, weight_decay=0.01, **kw),
@@ -124,8 +124,7 @@ def test_ema_with_overwrite_in_fit(optimizer_name):
                 weights
                 if previous is None
                 else [
-                    momentum * p + (1 - momentum) * w
-                    for p, w in zip(previous, weights)
+                    momentum * p + (1 - momentum) * w for p, w in zip(previous, weights)
                 ]
             )
             assert_weights_close(ema, expected, 1e-6)
@@ -139,14 +138,10 @@ def test_learning_rate_schedule_drives_the_compiled_step(optimizer_name):
     """A schedule that drops the rate to 0 after 6 steps (it is evaluated at
     the step count before the step: 0..5 <= boundary 5): the weights move
     during those 6 steps and never after (decay is scaled by the rate too)."""
-    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
-        [5], [0.02, 0.0]
-    )
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([5], [0.02, 0.0])
     record = RecordWeights()
     optimizer = OPTIMIZERS[optimizer_name]()
-    optimizer = type(optimizer)(
-        **{**optimizer.get_config(), "learning_rate": schedule}
-    )
+    optimizer = type(optimizer)(**{**optimizer.get_config(), "learning_rate": schedule})
     fit(optimizer, batch_size=16, callbacks=[record])
     steps = {step: weights for step, weights, _ in record.after_step}
     for step in range(2, 7):

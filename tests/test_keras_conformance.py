@@ -105,14 +105,13 @@ from unittest import mock
 import keras
 import numpy as np
 import pytest
+from _data import apply
 from absl.testing import parameterized
-
 from keras.src import optimizers as keras_optimizers
 from keras.src import testing
 
-from _data import apply
-from keras_adamp import AdamP
 from keras_adamp import SGDP
+from keras_adamp import AdamP
 
 
 def _keras_test_module(name):
@@ -289,9 +288,7 @@ def _reuse(module, class_name, variant, names=(), excluded=(), parameters=None):
             originals[function.__name__] = function
     for name, cases in parameters.items():
         if name in originals:
-            namespace[name] = parameterized.named_parameters(*cases)(
-                originals[name]
-            )
+            namespace[name] = parameterized.named_parameters(*cases)(originals[name])
     suffix = f"_{variant}" if variant else "_keras_adamp"
     return type(keras_class)(class_name + suffix, (keras_class,), namespace)
 
@@ -310,8 +307,9 @@ def _reused_classes():
             "test_sparse_correctness": SPARSE_CASES,
         }
         classes.append(
-            _reuse(optimizer_sparse_test, "OptimizerSparseTest", None,
-                   parameters=sparse)
+            _reuse(
+                optimizer_sparse_test, "OptimizerSparseTest", None, parameters=sparse
+            )
         )
     return classes
 
@@ -384,7 +382,9 @@ def _sparse_rows(values, shape):
     import torch
 
     return torch.sparse_coo_tensor(
-        torch.tensor([ROWS]), torch.from_numpy(values), shape,
+        torch.tensor([ROWS]),
+        torch.from_numpy(values),
+        shape,
         check_invariants=True,
     )
 
@@ -421,7 +421,10 @@ def test_default_names_are_unique_per_process():
     keras.backend.clear_session()  # resets the name counters
     adamp, adamp_1, sgdp, sgdp_1 = AdamP(), AdamP(), SGDP(), SGDP()
     assert [o.name for o in (adamp, adamp_1, sgdp, sgdp_1)] == [
-        "adamp", "adamp_1", "sgdp", "sgdp_1",
+        "adamp",
+        "adamp_1",
+        "sgdp",
+        "sgdp_1",
     ]
     assert AdamP(name="mine").name == "mine"
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(adamp_1))
@@ -434,8 +437,11 @@ def test_multi_optimizer_logs_each_default_named_learning_rate(tmp_path):
     keras.backend.clear_session()
     first, second = AdamP(learning_rate=0.1), AdamP(learning_rate=0.01)
     model = keras.Sequential(
-        [keras.Input((1,)), keras.layers.Dense(2, name="dense_1"),
-         keras.layers.Dense(1, name="dense_2")]
+        [
+            keras.Input((1,)),
+            keras.layers.Dense(2, name="dense_1"),
+            keras.layers.Dense(1, name="dense_2"),
+        ]
     )
     model.compile(
         loss="mse",
@@ -497,11 +503,24 @@ def _keras_checks():
 @pytest.mark.parametrize(
     "optimizer",
     [
-        lambda: AdamP(learning_rate=0.5, weight_decay=0.008, beta_1=0.5,
-                      beta_2=0.67, epsilon=1e-5, nesterov=True, delta=0.2,
-                      wd_ratio=0.3, channel_axes={"conv": -1}),
-        lambda: SGDP(learning_rate=0.5, momentum=0.06, nesterov=True,
-                     weight_decay=0.004, delta=0.2),
+        lambda: AdamP(
+            learning_rate=0.5,
+            weight_decay=0.008,
+            beta_1=0.5,
+            beta_2=0.67,
+            epsilon=1e-5,
+            nesterov=True,
+            delta=0.2,
+            wd_ratio=0.3,
+            channel_axes={"conv": -1},
+        ),
+        lambda: SGDP(
+            learning_rate=0.5,
+            momentum=0.06,
+            nesterov=True,
+            weight_decay=0.004,
+            delta=0.2,
+        ),
     ],
     ids=["adamp", "sgdp"],
 )
@@ -585,7 +604,7 @@ def test_adamp_adds_epsilon_after_the_bias_correction():
     # by sqrt(1 - beta_2) / (1 - beta_1).
     g, eps, lr = 0.01, 2.0, 1.0
     pytorch_form = 1.0 - lr * g / (g + eps)
-    keras_form = 1.0 - lr * (0.001 ** 0.5 / 0.1) * (0.1 * g) / (
+    keras_form = 1.0 - lr * (0.001**0.5 / 0.1) * (0.1 * g) / (
         (0.001 * g * g) ** 0.5 + eps
     )
     ours, theirs = (keras.Variable(np.ones(3, "float32")) for _ in range(2))
@@ -635,8 +654,12 @@ GRADIENTS = [
 
 @pytest.mark.parametrize(
     "wrapper",
-    ["loss_scale_factor", "loss_scale_optimizer", "multi_optimizer",
-     "overwrite_with_gradient_and_accumulation"],
+    [
+        "loss_scale_factor",
+        "loss_scale_optimizer",
+        "multi_optimizer",
+        "overwrite_with_gradient_and_accumulation",
+    ],
 )
 def test_wrappers_leave_adamps_step_unchanged(wrapper):
     keras.backend.clear_session()

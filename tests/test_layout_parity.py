@@ -20,15 +20,15 @@ import re
 import keras
 import numpy as np
 import pytest
-
-import keras_adamp
-from keras_adamp import projection
 from test_oracle_parity import BRANCH_CODE
 from test_oracle_parity import RTOL
 from test_oracle_parity import STEPS
 from test_oracle_parity import forced_gradient
 from test_oracle_parity import keras_optimizer
 from test_oracle_parity import torch_optimizer
+
+import keras_adamp
+from keras_adamp import projection
 
 KERNELS = {
     "query": (1, 2),
@@ -39,7 +39,7 @@ KERNELS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def attention_model():
     """Built once: each run assigns its own initial weights."""
     keras.utils.set_random_seed(0)
@@ -53,7 +53,7 @@ def attention_model():
     return keras.Model(tokens, x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def channel_axes_of_model():
     return keras_adamp.channel_axes_for(attention_model())
 
@@ -67,7 +67,8 @@ def kernel_and_axes(kernel_name):
     else:
         variable = getattr(
             model.get_layer("mha"),
-            "output_dense" if kernel_name == "attention_output"
+            "output_dense"
+            if kernel_name == "attention_output"
             else f"{kernel_name}_dense",
         ).kernel
     key = "^" + re.escape(variable.path) + "$"
@@ -135,7 +136,9 @@ def test_key_and_value_kernels_match_reference(oracle, kernel_name, optimizer_na
     run_layout_parity(oracle, kernel_name, "channel", optimizer_name)
 
 
-@pytest.mark.parametrize("kernel_name, wrong_axes", [("query", [2]), ("gemma_query", [2])])
+@pytest.mark.parametrize(
+    "kernel_name, wrong_axes", [("query", [2]), ("gemma_query", [2])]
+)
 def test_parity_check_detects_the_static_grouping(oracle, kernel_name, wrong_axes):
     """The static rules' grouping (head_dim alone) is not the reference's:
     the same harness fails with it on the channel branch."""

@@ -10,7 +10,6 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from keras import layers
 
 import keras_adamp
 from keras_adamp import layouts
@@ -40,9 +39,19 @@ def _einsum_kernel_outputs(equation):
 def _expected_by_attribute(layer):
     """{attribute: output axes} of `layer`'s kernels, from its type and config
     (independently of keras_adamp: read from the layer's attributes)."""
-    known = (L.EinsumDense, L.Conv1D, L.Conv2D, L.Conv3D, L.Conv1DTranspose,
-             L.Conv2DTranspose, L.Conv3DTranspose, L.DepthwiseConv1D,
-             L.DepthwiseConv2D, L.SeparableConv1D, L.SeparableConv2D)
+    known = (
+        L.EinsumDense,
+        L.Conv1D,
+        L.Conv2D,
+        L.Conv3D,
+        L.Conv1DTranspose,
+        L.Conv2DTranspose,
+        L.Conv3DTranspose,
+        L.DepthwiseConv1D,
+        L.DepthwiseConv2D,
+        L.SeparableConv1D,
+        L.SeparableConv2D,
+    )
     config = layer.get_config() if isinstance(layer, known) else {}
     if isinstance(layer, L.EinsumDense):
         return {"kernel": _einsum_kernel_outputs(config["equation"])}
@@ -60,15 +69,19 @@ def _expected_by_attribute(layer):
         return {"kernel": (rank - 2, rank - 1)}
     if isinstance(layer, (L.SeparableConv1D, L.SeparableConv2D)):
         rank = len(config["kernel_size"]) + 2
-        return {"depthwise_kernel": (rank - 2, rank - 1),
-                "pointwise_kernel": (rank - 1,)}
+        return {
+            "depthwise_kernel": (rank - 2, rank - 1),
+            "pointwise_kernel": (rank - 1,),
+        }
     if isinstance(layer, L.Embedding):
         return {"embeddings": (0,)}
     if isinstance(layer, (L.LSTMCell, L.GRUCell, L.SimpleRNNCell)) or (
         type(layer).__name__ == "ConvLSTMCell"
     ):
-        return {"kernel": (layer.kernel.ndim - 1,),
-                "recurrent_kernel": (layer.recurrent_kernel.ndim - 1,)}
+        return {
+            "kernel": (layer.kernel.ndim - 1,),
+            "recurrent_kernel": (layer.recurrent_kernel.ndim - 1,),
+        }
     return {}
 
 
@@ -138,7 +151,7 @@ class _Scaled(L.Layer):
         return self.inner(x) @ self.mix
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zoo():
     """Every Keras layer with a kernel, in one functional model with a nested
     Sequential and a custom layer (built once; the tests only read it)."""
@@ -157,8 +170,9 @@ def zoo():
     s = L.SeparableConv1D(4, 3, padding="same")(s)
     s = L.Conv1DTranspose(4, 3, padding="same")(s)
     s = L.MultiHeadAttention(num_heads=2, key_dim=3)(s, s)
-    s = L.EinsumDense("btd,ndh->btnh", output_shape=(None, 2, 3), bias_axes="nh",
-                      name="gemma_query")(s)
+    s = L.EinsumDense(
+        "btd,ndh->btnh", output_shape=(None, 2, 3), bias_axes="nh", name="gemma_query"
+    )(s)
     s = L.Reshape((6, 6))(s)
     s = L.LSTM(3, return_sequences=True)(s)
     s = L.GRU(3, return_sequences=True)(s)  # reset_after: a (2, 9) bias
@@ -186,18 +200,31 @@ def unet():
     """A tiny U-Net: Conv2DTranspose + BatchNorm on the way up."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 3))
-    d1 = L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 3, padding="same", use_bias=False, name="down1")(inputs)))
+    d1 = L.ReLU()(
+        L.BatchNormalization()(
+            L.Conv2D(4, 3, padding="same", use_bias=False, name="down1")(inputs)
+        )
+    )
     p = L.MaxPooling2D()(d1)
-    d2 = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same", use_bias=False, name="down2")(p)))
+    d2 = L.ReLU()(
+        L.BatchNormalization()(
+            L.Conv2D(8, 3, padding="same", use_bias=False, name="down2")(p)
+        )
+    )
     up = L.Conv2DTranspose(4, 2, strides=2, use_bias=False, name="up")(d2)
     up = L.ReLU()(L.BatchNormalization(name="up_bn")(up))
     x = L.Concatenate()([up, d1])
-    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 3, padding="same", use_bias=False, name="fuse")(x)))
+    x = L.ReLU()(
+        L.BatchNormalization()(
+            L.Conv2D(4, 3, padding="same", use_bias=False, name="fuse")(x)
+        )
+    )
     return keras.Model(inputs, L.Conv2D(2, 1, name="logits")(x))
 
 
 def zoo_paths(model):
     """Paths of the zoo's kernels that the static rules get wrong."""
+
     def first(cls):
         return next(l for l in model._flatten_layers() if type(l) is cls)
 
@@ -242,14 +269,22 @@ def test_channel_axes_for_matches_layers_on_real_models(name):
     if name == "vit":
         keras_hub = pytest.importorskip("keras_hub")
         model = keras_hub.models.ViTBackbone(
-            image_shape=(8, 8, 3), patch_size=4, num_layers=1, num_heads=2,
-            hidden_dim=8, mlp_dim=16,
+            image_shape=(8, 8, 3),
+            patch_size=4,
+            num_layers=1,
+            num_heads=2,
+            hidden_dim=8,
+            mlp_dim=16,
         )
     elif name == "bert":
         keras_hub = pytest.importorskip("keras_hub")
         model = keras_hub.models.BertBackbone(
-            vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8,
-            intermediate_dim=16, max_sequence_length=12,
+            vocabulary_size=50,
+            num_layers=1,
+            num_heads=2,
+            hidden_dim=8,
+            intermediate_dim=16,
+            max_sequence_length=12,
         )
     else:
         model = getattr(keras.applications, name)(
@@ -257,7 +292,9 @@ def test_channel_axes_for_matches_layers_on_real_models(name):
         )
     result = assert_channel_axes_match(model)
     if name in ("vit", "bert"):
-        qkv = [tuple(a) for k, a in result.items() if re.search(r"(query|key|value)", k)]
+        qkv = [
+            tuple(a) for k, a in result.items() if re.search(r"(query|key|value)", k)
+        ]
         assert qkv == [(1, 2)] * 3
 
 
@@ -328,17 +365,24 @@ def test_a_guessed_grouping_warns_once_at_build_naming_variables_and_fix():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         axes = keras_adamp.channel_axes_for(model)
-    assert _build_warnings(
-        keras_adamp.SGDP(channel_axes=axes), model.trainable_variables
-    ) == []
+    assert (
+        _build_warnings(keras_adamp.SGDP(channel_axes=axes), model.trainable_variables)
+        == []
+    )
 
 
 def test_sure_groupings_do_not_warn():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((8, 8, 3)), L.Conv2D(4, 3), L.DepthwiseConv2D(3, name="depthwise"),
-        L.SeparableConv2D(4, 1), L.Flatten(), L.Dense(3),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            L.Conv2D(4, 3),
+            L.DepthwiseConv2D(3, name="depthwise"),
+            L.SeparableConv2D(4, 1),
+            L.Flatten(),
+            L.Dense(3),
+        ]
+    )
     assert _build_warnings(keras_adamp.AdamP(), model.trainable_variables) == []
 
 
@@ -389,7 +433,9 @@ def test_an_override_naming_only_frozen_layers_is_ignored_with_a_warning():
         model.fit(x, np.ones((2, 8, 8, 2), "float32"), epochs=1, verbose=0)
     after = keras.ops.convert_to_numpy(model.get_layer("logits").kernel)
     assert not np.allclose(before, after)
-    assert optimizer.channel_layout(model.get_layer("logits").kernel).channel_axes == (3,)
+    assert optimizer.channel_layout(model.get_layer("logits").kernel).channel_axes == (
+        3,
+    )
 
 
 # -- channel_layout --------------------------------------------------------
@@ -405,7 +451,9 @@ def test_channel_layout_before_build_and_its_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimizer.build(model.trainable_variables[:2])
-    with pytest.raises(ValueError, match=r"'up/kernel' \(2, 2, 4, 8\) is not one of the 2"):
+    with pytest.raises(
+        ValueError, match=r"'up/kernel' \(2, 2, 4, 8\) is not one of the 2"
+    ):
         optimizer.channel_layout(kernel)
     with pytest.raises(ValueError, match="Adam groups no variable"):
         layouts.channel_layout(keras.optimizers.Adam(), kernel)
@@ -416,7 +464,10 @@ def test_subclassed_model_with_its_own_variable():
         def __init__(self):
             super().__init__()
             self.up = L.Conv2DTranspose(3, 2, name="up")
-            self.blocks = [L.Dense(4, name="d0"), L.EinsumDense("ab,bc->ac", (5,), name="e0")]
+            self.blocks = [
+                L.Dense(4, name="d0"),
+                L.EinsumDense("ab,bc->ac", (5,), name="e0"),
+            ]
 
         def build(self, input_shape):
             self.mix = self.add_weight(shape=(2, 3, 4), name="mix")
@@ -429,12 +480,17 @@ def test_subclassed_model_with_its_own_variable():
     model(np.zeros((1, 4, 4, 2), "float32"))
     with pytest.warns(UserWarning, match=r"mix' \(2, 3, 4\) of Net"):
         result = keras_adamp.channel_axes_for(model)
-    by_path = {v.path: result.get("^" + re.escape(v.path) + "$")
-               for v in model.trainable_variables}
+    by_path = {
+        v.path: result.get("^" + re.escape(v.path) + "$")
+        for v in model.trainable_variables
+    }
     assert by_path == {
-        model.up.kernel.path: [2], model.up.bias.path: None,
-        model.blocks[0].kernel.path: [1], model.blocks[0].bias.path: None,
-        model.blocks[1].kernel.path: [1], model.mix.path: [2],
+        model.up.kernel.path: [2],
+        model.up.bias.path: None,
+        model.blocks[0].kernel.path: [1],
+        model.blocks[0].bias.path: None,
+        model.blocks[1].kernel.path: [1],
+        model.mix.path: [2],
     }
 
 

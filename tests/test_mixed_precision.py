@@ -6,12 +6,12 @@ float32."""
 import keras
 import numpy as np
 import pytest
-
 from _data import apply
 from _data import conv_bn_model
 from _data import digits
-from keras_adamp import AdamP
+
 from keras_adamp import SGDP
+from keras_adamp import AdamP
 from keras_adamp import projection
 
 OPTIMIZERS = {
@@ -46,9 +46,9 @@ def test_mixed_precision_fit_trains_a_batchnorm_cnn(
     )
     if policy_name == "mixed_float16":
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-        assert isinstance(
-            model.optimizer.inner_optimizer, (AdamP, SGDP)
-        ), model.optimizer.inner_optimizer
+        assert isinstance(model.optimizer.inner_optimizer, (AdamP, SGDP)), (
+            model.optimizer.inner_optimizer
+        )
     assert model.layers[0].compute_dtype == policy_name.split("_")[1]
     assert model.layers[0].kernel.dtype == "float32"  # float32 master weights
     losses = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history["loss"]
@@ -78,7 +78,7 @@ def test_loss_scaler_skips_an_inf_step_and_leaves_state_untouched(optimizer_name
         return g
 
     apply(optimizer, grads(), variables)  # a normal step: nonzero state
-    snapshot = lambda: [  # noqa: E731
+    snapshot = lambda: [
         keras.ops.convert_to_numpy(v) for v in [*variables, *inner.variables]
     ]
     before = snapshot()

@@ -70,14 +70,17 @@ def assert_equals_one_process(outdir, run, name):
     # means something only if this is large.
     kernel = load(outdir, "initial", "reference")[0]
     moved = float(np.max(np.abs(reference[0] - kernel)) / np.max(np.abs(kernel)))
-    print(f"{run}: relative error vs one process {error:.2e}, "
-          f"between workers {between:.2e} (training moved the weights {moved:.2f})")
+    print(
+        f"{run}: relative error vs one process {error:.2e}, "
+        f"between workers {between:.2e} (training moved the weights {moved:.2f})"
+    )
     assert moved > 0.05, moved
     assert between <= TOLERANCE, (run, between)
     assert error <= TOLERANCE, (run, error)
 
 
 # ---------------------------------------------------------------- TensorFlow
+
 
 @pytest.fixture(scope="module")
 def tf_runs(tmp_path_factory):
@@ -134,6 +137,7 @@ def test_tf_multi_worker_fit_equals_one_process(tf_runs, name):
 
 # ---------------------------------------------------------------- JAX
 
+
 @pytest.fixture(scope="module")
 def jax_runs(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("multiworker_jax")
@@ -153,6 +157,7 @@ def test_jax_distributed_data_parallel_fit_saved_and_resumed(jax_runs, name):
 
 
 # ---------------------------------------------------------------- torch
+
 
 @pytest.fixture(scope="module")
 def torch_runs(tmp_path_factory):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import keras_adamp
-from keras_adamp import AdamP
 from keras_adamp import SGDP
+from keras_adamp import AdamP
 
 OPTIMIZERS = [AdamP, SGDP]
 
@@ -116,9 +116,7 @@ def test_adamp_single_step_on_a_bias_is_adam():
     bias = kernel_variable([1.0, -2.0, 3.0], name="bias")
     gradient = np.array([0.5, -0.25, 2.0], dtype="float32")
     AdamP(learning_rate=0.1).apply([gradient], [bias])
-    np.testing.assert_allclose(
-        numpy_of(bias), [0.9, -1.9, 2.9], rtol=1e-6, atol=1e-6
-    )
+    np.testing.assert_allclose(numpy_of(bias), [0.9, -1.9, 2.9], rtol=1e-6, atol=1e-6)
 
 
 def test_adamp_single_step_removes_the_radial_part_per_channel():
@@ -207,9 +205,7 @@ def test_exclude_from_weight_decay(cls):
     by_object = kernel_variable([1.0], name="excluded_by_object")
     decayed = kernel_variable([1.0], name="decayed")
     optimizer = cls(learning_rate=0.1, weight_decay=0.5)
-    optimizer.exclude_from_weight_decay(
-        var_list=[by_object], var_names=["by_name"]
-    )
+    optimizer.exclude_from_weight_decay(var_list=[by_object], var_names=["by_name"])
     zeros = [np.zeros(1, "float32")] * 3
     optimizer.apply(zeros, [by_name, by_object, decayed])
     assert numpy_of(by_name) == pytest.approx([1.0])

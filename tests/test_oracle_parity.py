@@ -80,7 +80,7 @@ def make_variable(layer_name):
 
 
 def torch_optimizer(oracle, name, params):
-    torch, adamp = oracle
+    _, adamp = oracle
     config = {**ADAMP_CONFIGS, **SGDP_CONFIGS}[name]
     renamed = {
         "learning_rate": "lr",

@@ -82,7 +82,9 @@ def test_whole_tensor_group_projects_the_tensor_not_each_element():
 def test_override_matching_no_variable_warns_naming_the_pattern_and_variables():
     # Ignored, not an error: the layers it names may be frozen (fine-tuning).
     v = variables_of(keras.layers.Dense(3), (None, 2))["kernel"]
-    with pytest.warns(UserWarning, match=r"'nothing'.*ignored.*dense.*kernel.*\(2, 3\)"):
+    with pytest.warns(
+        UserWarning, match=r"'nothing'.*ignored.*dense.*kernel.*\(2, 3\)"
+    ):
         (layout,) = projection.resolve_channel_axes([v], {"nothing": -1})
     assert layout.channel_axes == (1,)
 
@@ -155,7 +157,9 @@ def test_layer_view_is_used_when_only_the_whole_tensor_is_orthogonal():
     )
     projected, ratio = projection.project(w, g, g, layout, 0.1, 0.25, 1e-8)
     projected = ops.convert_to_numpy(projected)
-    assert abs((projected * w).sum()) < 1e-5 * np.linalg.norm(projected) * np.linalg.norm(w)
+    assert abs((projected * w).sum()) < 1e-5 * np.linalg.norm(
+        projected
+    ) * np.linalg.norm(w)
     assert np.abs((projected * w).sum(0)).max() > 1e-3  # not per channel
     assert float(ratio) == pytest.approx(0.25)
 
@@ -192,18 +196,24 @@ def test_deciding_many_variables_at_once_equals_deciding_each_alone():
     # not depend on its neighbours. Layouts mixed: channels last, an
     # Embedding's rows, a 4-D kernel, the whole tensor as one group.
     rng = np.random.default_rng(5)
-    w = [rng.standard_normal(s).astype("float32") for s in
-         [(9, 4), (6, 3), (4, 5), (3, 3, 2, 8), (40, 3)]]
-    layouts = [ChannelLayout.create(w[0].shape, -1),
-               ChannelLayout.create(w[1].shape, 0),
-               ChannelLayout.create(w[2].shape, -1),
-               ChannelLayout.create(w[3].shape, -1),
-               ChannelLayout.create(w[4].shape, [])]
-    g = [orthogonal_per_column(w[0], rng),  # channel-wise
-         rng.standard_normal((6, 3)).astype("float32"),  # not projected
-         rng.standard_normal((4, 5)).astype("float32"),
-         rng.standard_normal((3, 3, 2, 8)).astype("float32"),
-         rng.standard_normal((40, 3)).astype("float32")]
+    w = [
+        rng.standard_normal(s).astype("float32")
+        for s in [(9, 4), (6, 3), (4, 5), (3, 3, 2, 8), (40, 3)]
+    ]
+    layouts = [
+        ChannelLayout.create(w[0].shape, -1),
+        ChannelLayout.create(w[1].shape, 0),
+        ChannelLayout.create(w[2].shape, -1),
+        ChannelLayout.create(w[3].shape, -1),
+        ChannelLayout.create(w[4].shape, []),
+    ]
+    g = [
+        orthogonal_per_column(w[0], rng),  # channel-wise
+        rng.standard_normal((6, 3)).astype("float32"),  # not projected
+        rng.standard_normal((4, 5)).astype("float32"),
+        rng.standard_normal((3, 3, 2, 8)).astype("float32"),
+        rng.standard_normal((40, 3)).astype("float32"),
+    ]
     g[2] = g[2] - w[2] * (g[2] * w[2]).sum() / (w[2] * w[2]).sum()  # layer-wise
     u = [rng.standard_normal(x.shape).astype("float32") for x in w]
     sums = [projection.channel_sums(*t, layout) for *t, layout in zip(w, g, u, layouts)]
@@ -211,12 +221,16 @@ def test_deciding_many_variables_at_once_equals_deciding_each_alone():
     ratios = []
     for layout, s, (coef, ratio) in zip(layouts, sums, together):
         [(alone, alone_ratio)] = projection.coefficients([layout], [s], 0.1, 0.25, 1e-8)
-        np.testing.assert_allclose(ops.convert_to_numpy(coef), ops.convert_to_numpy(alone), rtol=1e-6)
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(coef), ops.convert_to_numpy(alone), rtol=1e-6
+        )
         assert float(ratio) == float(alone_ratio)
         ratios.append(float(ratio))
     assert ratios[:3] == [0.25, 1.0, 0.25]
-    decisions = [int(projection.scale_invariance(*t, layout, 0.1, 1e-8))
-                 for *t, layout in zip(w[:3], g[:3], layouts[:3])]
+    decisions = [
+        int(projection.scale_invariance(*t, layout, 0.1, 1e-8))
+        for *t, layout in zip(w[:3], g[:3], layouts[:3])
+    ]
     assert decisions == [projection.CHANNEL_WISE, 0, projection.LAYER_WISE]
     # The update with the batch's coefficients is `project`'s (on the view and
     # on the variable's own shape).
@@ -225,4 +239,7 @@ def test_deciding_many_variables_at_once_equals_deciding_each_alone():
         projected, _ = projection.project(x, y, z, layout, 0.1, 0.25, 1e-8)
         np.testing.assert_allclose(
             ops.convert_to_numpy(projection.remove_radial(x, z, coef, layout)),
-            ops.convert_to_numpy(projected), rtol=1e-6, atol=1e-7)
+            ops.convert_to_numpy(projected),
+            rtol=1e-6,
+            atol=1e-7,
+        )

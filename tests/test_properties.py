@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from keras_adamp import AdamP
 from keras_adamp import SGDP
+from keras_adamp import AdamP
 from keras_adamp import projection
 
 DELTA = 0.1
@@ -111,12 +111,9 @@ def test_projected_update_is_orthogonal_to_w_per_group(case):
     # |<u_c, w_c>| <= 1e-5 |u_c| |w_c|, |u_c| the update's norm before the
     # projection: when u is nearly radial, float32 rounding of the removed
     # radial part leaves ~1e-7 |u_c| behind, whatever the result's norm.
-    for u_c, u0_c, w_c in zip(
-        groups(u_new, kind), groups(u, kind), groups(w, kind)
-    ):
+    for u_c, u0_c, w_c in zip(groups(u_new, kind), groups(u, kind), groups(w, kind)):
         dot = abs(float(np.dot(u_c.astype("float64"), w_c)))
         assert dot <= 1e-5 * np.linalg.norm(u0_c) * np.linalg.norm(w_c)
-
 
 
 @SETTINGS

@@ -7,11 +7,11 @@ buffer, the step count AdamP's bias correction uses) must survive."""
 import keras
 import numpy as np
 import pytest
-
 from _data import digits
+
 import keras_adamp  # noqa: F401  (registers the classes for load_model)
-from keras_adamp import AdamP
 from keras_adamp import SGDP
+from keras_adamp import AdamP
 
 OPTIMIZERS = {
     "adamp": lambda: AdamP(learning_rate=0.01, weight_decay=0.01),
@@ -86,9 +86,7 @@ def test_backup_and_restore_resumes_an_interrupted_run_exactly(
     optimizer_name, tmp_path
 ):
     x, y = data()
-    backup = lambda: keras.callbacks.BackupAndRestore(  # noqa: E731
-        str(tmp_path / "backup")
-    )
+    backup = lambda: keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
     model = compiled(optimizer_name)
     with pytest.raises(RuntimeError, match="simulated preemption"):
         model.fit(x, y, epochs=EPOCHS, callbacks=[backup(), Interrupt(1)], **FIT)
@@ -107,9 +105,7 @@ def test_model_checkpoint_load_model_and_initial_epoch_resume_exactly(
 ):
     x, y = data()
     model = compiled(optimizer_name)
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        str(tmp_path / "epoch_{epoch}.keras")
-    )
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "epoch_{epoch}.keras"))
     with pytest.raises(RuntimeError, match="simulated preemption"):
         model.fit(x, y, epochs=EPOCHS, callbacks=[checkpoint, Interrupt(2)], **FIT)
 

@@ -11,15 +11,15 @@ import keras
 import numpy as np
 import pytest
 
-from keras_adamp import AdamP
 from keras_adamp import SGDP
+from keras_adamp import AdamP
 
 STEPS = 1000
 SHAPE = (6, 4)  # a Dense kernel (in, out); the reference's layout is (out, in)
 
 
 def initial_weights(rng):
-    w = lambda: rng.standard_normal(SHAPE).astype("float32")  # noqa: E731
+    w = lambda: rng.standard_normal(SHAPE).astype("float32")
     zero_channel = w()
     zero_channel[:, 0] = 0.0
     return {
@@ -107,7 +107,7 @@ def run_ours(make, weights, grads):
 def run_reference(oracle, make, weights, grads):
     torch, adamp = oracle
     # Keras (in, out) <-> torch (out, in): transpose the kernels.
-    to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a.T))  # noqa: E731
+    to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a.T))
     params = {n: torch.nn.Parameter(to_torch(w)) for n, w in weights.items()}
     optimizer = make(adamp, list(params.values()))
     for t in range(STEPS):
@@ -142,7 +142,7 @@ def test_thousand_degenerate_steps_stay_finite_and_match_reference(
     # ... weights of 1e20 only decayed, at the projected rate wd_ratio (their
     # norm overflows float32, so cos = 0: scale-invariant), and a zero
     # gradient only decays the weight, at wd_ratio too (cos(0, w) = 0).
-    factor = (1 - 0.01 * 0.01 * 0.1 * (1 if optimizer_name == "adamp" else 10))
+    factor = 1 - 0.01 * 0.01 * 0.1 * (1 if optimizer_name == "adamp" else 10)
     np.testing.assert_allclose(
         ours["huge_weight"], weights["huge_weight"] * factor**STEPS, rtol=1e-4
     )
@@ -162,9 +162,7 @@ def test_thousand_degenerate_steps_stay_finite_and_match_reference(
     ],
     ids=["adamp_vs_adam", "sgdp_vs_sgd"],
 )
-def test_nan_gradient_poisons_the_same_elements_as_keras_own_optimizer(
-    ours, keras_own
-):
+def test_nan_gradient_poisons_the_same_elements_as_keras_own_optimizer(ours, keras_own):
     """Outside loss scaling nothing filters a NaN gradient, in Keras's Adam/SGD
     or here: the NaN element's moments and weight become NaN for good. The
     projection must not spread it: the same elements, and only those, are NaN
@@ -189,9 +187,7 @@ def test_nan_gradient_poisons_the_same_elements_as_keras_own_optimizer(
                 ],
                 [w, b],
             )
-        masks.append(
-            [np.isnan(keras.ops.convert_to_numpy(v.value)) for v in (w, b)]
-        )
+        masks.append([np.isnan(keras.ops.convert_to_numpy(v.value)) for v in (w, b)])
     for ours_mask, keras_mask in zip(*masks):
         np.testing.assert_array_equal(ours_mask, keras_mask)
     assert masks[0][0].sum() == 1 and masks[0][0][1, 2]

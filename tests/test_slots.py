@@ -17,9 +17,7 @@ def _variables():
 
 def _slot_shapes(optimizer, variables):
     optimizer.build(variables)
-    return sorted(
-        tuple(v.shape) for v in optimizer.variables if len(v.shape) > 0
-    )
+    return sorted(tuple(v.shape) for v in optimizer.variables if len(v.shape) > 0)
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_adamp import AdamP
 from keras_adamp import SGDP
+from keras_adamp import AdamP
 
 pytestmark = pytest.mark.tensorflow_only
 

@@ -9,15 +9,15 @@ import warnings
 import keras
 import numpy as np
 import pytest
-
-import keras_adamp
 from _data import conv_bn_model
 from _data import digits
-from keras_adamp import AdamS
-from keras_adamp import AdamSRT
-from keras_adamp import SGDMRT
 from test_training import _run_python
 from test_training import max_relative_error
+
+import keras_adamp
+from keras_adamp import SGDMRT
+from keras_adamp import AdamS
+from keras_adamp import AdamSRT
 
 
 def _variables():
@@ -30,6 +30,7 @@ def _variables():
 
 # -- memory -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cls", [AdamS, AdamSRT])
 def test_second_moment_of_a_designated_variable_is_one_value_per_group(cls):
     variables = _variables()
@@ -38,9 +39,12 @@ def test_second_moment_of_a_designated_variable_is_one_value_per_group(cls):
     shapes = [tuple(v.shape) for v in optimizer.variables if len(v.shape) > 0]
     # Per variable: the first moment (full size), then the second moment.
     assert shapes == [
-        (3, 3, 4, 8), (8,),    # designated kernel: v is (C,)
-        (8,), (8,),            # bias, not designated: Adam's slots
-        (5, 6), (5, 6),        # head, not designated (its layout is unused)
+        (3, 3, 4, 8),
+        (8,),  # designated kernel: v is (C,)
+        (8,),
+        (8,),  # bias, not designated: Adam's slots
+        (5, 6),
+        (5, 6),  # head, not designated (its layout is unused)
     ]
     whole = cls(spherical="kernel|head", channel_axes={"head": []})
     whole.build(_variables())
@@ -55,7 +59,10 @@ def test_sgdmrt_keeps_one_buffer_per_variable_and_none_without_momentum():
     optimizer = SGDMRT(0.1, momentum=0.9, spherical="kernel")
     optimizer.build(_variables())
     assert [tuple(v.shape) for v in optimizer._momentums] == [
-        (3, 3, 4, 8), (8,), (5, 6)]
+        (3, 3, 4, 8),
+        (8,),
+        (5, 6),
+    ]
     plain = SGDMRT(0.1, spherical="kernel")
     plain.build(_variables())
     assert [v for v in plain.variables if len(v.shape) > 0] == []
@@ -67,7 +74,7 @@ def test_adamsrt_keeps_about_one_full_slot_per_designated_kernel():
     ours.build(model.trainable_variables)
     adam = keras.optimizers.Adam()
     adam.build(model.trainable_variables)
-    size = lambda opt: sum(int(np.prod(v.shape)) for v in opt.variables)  # noqa: E731
+    size = lambda opt: sum(int(np.prod(v.shape)) for v in opt.variables)
     kernels = sum(
         int(np.prod(v.shape)) for v in model.trainable_variables if len(v.shape) == 4
     )
@@ -76,14 +83,12 @@ def test_adamsrt_keeps_about_one_full_slot_per_designated_kernel():
 
 # -- which variables are designated ------------------------------------------
 
+
 def test_normalized_kernels_of_a_sequential_model_are_the_convolutions():
     model = conv_bn_model()
     pattern = keras_adamp.normalized_kernels(model)
     chosen = [v.path for v in model.trainable_variables if re.search(pattern, v.path)]
-    assert chosen == [
-        v.path for v in model.trainable_variables
-        if len(v.shape) == 4
-    ]
+    assert chosen == [v.path for v in model.trainable_variables if len(v.shape) == 4]
     assert len(chosen) == 2  # not the Dense head, not BatchNorm's gamma/beta
     assert keras_adamp.normalized_kernel_axes(model) == {}
     json.dumps(pattern)  # serializable
@@ -92,11 +97,11 @@ def test_normalized_kernels_of_a_sequential_model_are_the_convolutions():
 def test_normalized_kernels_reads_a_functional_graph():
     layers = keras.layers
     inputs = keras.Input((8, 8, 3))
-    a = layers.Conv2D(4, 3, name="to_bn")(inputs)               # bias: BN removes it
+    a = layers.Conv2D(4, 3, name="to_bn")(inputs)  # bias: BN removes it
     a = layers.BatchNormalization(name="bn")(a)
     b = layers.Conv2D(4, 3, use_bias=False, name="to_bn_and_add")(inputs)
     c = layers.BatchNormalization(name="bn2")(b)
-    c = layers.Add()([c, b])                                     # b is also used raw
+    c = layers.Add()([c, b])  # b is also used raw
     d = layers.Conv2D(4, 3, use_bias=False, name="to_relu_bn")(inputs)
     d = layers.BatchNormalization(name="bn3")(layers.ReLU()(d))  # not directly
     g = layers.Conv2D(4, 3, use_bias=False, name="to_bn_and_op")(inputs)
@@ -108,7 +113,7 @@ def test_normalized_kernels_reads_a_functional_graph():
     x = layers.Flatten()(layers.Concatenate()([a, c, d, g, h_out, k]))
     e = layers.Dense(6, use_bias=False, name="to_ln")(x)
     e = layers.LayerNormalization(name="ln")(e)
-    f = layers.Dense(6, name="biased_to_ln")(x)                  # LN keeps the bias
+    f = layers.Dense(6, name="biased_to_ln")(x)  # LN keeps the bias
     f = layers.LayerNormalization(name="ln2")(f)
     out = layers.Dense(3, name="head")(layers.Concatenate()([e, f]))
     model = keras.Model(inputs, [out, h])
@@ -131,9 +136,11 @@ def test_normalized_kernels_reads_a_functional_graph():
 
 def test_normalized_kernels_walks_nested_models():
     inner = keras.Sequential(
-        [keras.layers.Dense(6, use_bias=False, name="inner_dense"),
-         keras.layers.LayerNormalization(name="inner_ln"),
-         keras.layers.Dense(6, use_bias=False, name="inner_last")],
+        [
+            keras.layers.Dense(6, use_bias=False, name="inner_dense"),
+            keras.layers.LayerNormalization(name="inner_ln"),
+            keras.layers.Dense(6, use_bias=False, name="inner_last"),
+        ],
         name="inner",
     )
     inputs = keras.Input((5,))
@@ -191,8 +198,14 @@ def test_a_list_or_a_callable_is_stored_as_the_regex_of_its_paths():
 @pytest.mark.parametrize("cls", [AdamS, AdamSRT])
 def test_config_round_trip(cls):
     optimizer = cls(
-        learning_rate=0.01, beta_1=0.8, beta_2=0.99, epsilon=1e-7, l2=1e-4,
-        spherical="conv", channel_axes={"conv": [-1]}, weight_decay=0.01,
+        learning_rate=0.01,
+        beta_1=0.8,
+        beta_2=0.99,
+        epsilon=1e-7,
+        l2=1e-4,
+        spherical="conv",
+        channel_axes={"conv": [-1]},
+        weight_decay=0.01,
         clipnorm=1.0,
     )
     config = optimizer.get_config()
@@ -224,7 +237,8 @@ INVALID = [
 
 
 @pytest.mark.parametrize(
-    "cls, kwargs, name", INVALID,
+    "cls, kwargs, name",
+    INVALID,
     ids=[f"{c.__name__}-{'-'.join(map(str, kw.items()))}" for c, kw, _ in INVALID],
 )
 def test_invalid_argument_raises_value_error_naming_it(cls, kwargs, name):
@@ -244,6 +258,7 @@ def test_designation_that_fits_no_variable_raises_at_build_and_an_unused_overrid
 
 
 # -- Keras's own arguments ------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "make",
@@ -270,7 +285,8 @@ def test_weight_decay_is_keras_decoupled_decay(make):
     w0 = np.ones((8,))
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(decayed[1]),
-        keras.ops.convert_to_numpy(plain[1]) - 0.1 * 0.5 * w0, rtol=1e-6,
+        keras.ops.convert_to_numpy(plain[1]) - 0.1 * 0.5 * w0,
+        rtol=1e-6,
     )
 
 
@@ -278,8 +294,11 @@ def test_gradient_accumulation_and_ema_work_as_in_keras():
     x, y = digits(128)
     model = conv_bn_model()
     optimizer = AdamSRT(
-        learning_rate=0.01, spherical=keras_adamp.normalized_kernels(model),
-        gradient_accumulation_steps=2, use_ema=True, clipnorm=1.0,
+        learning_rate=0.01,
+        spherical=keras_adamp.normalized_kernels(model),
+        gradient_accumulation_steps=2,
+        use_ema=True,
+        clipnorm=1.0,
     )
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(True))
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
@@ -288,6 +307,7 @@ def test_gradient_accumulation_and_ema_work_as_in_keras():
 
 
 # -- training -----------------------------------------------------------------
+
 
 def _make(name, model):
     spherical = keras_adamp.normalized_kernels(model)

@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-
 from test_examples import _load
 from test_examples import _needs_matplotlib
 
@@ -17,11 +16,26 @@ def test_spherical_example_tiny_run(tmp_path, capsys):
     _needs_matplotlib()
     pytest.importorskip("tensorflow", reason="the example resizes with TensorFlow")
     example = _load("spherical")
-    results = example.main([
-        "--out", str(tmp_path), "--optimizers", "adamsrt,sgdmrt",
-        "--dataset", "synthetic", "--model", "resnet8", "--image-size", "8",
-        "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "8",
-    ])
+    results = example.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--optimizers",
+            "adamsrt,sgdmrt",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "resnet8",
+            "--image-size",
+            "8",
+            "--epochs",
+            "2",
+            "--steps-per-epoch",
+            "2",
+            "--batch-size",
+            "8",
+        ]
+    )
     assert (tmp_path / "spherical.png").stat().st_size > 10_000
     assert list(results) == ["adamsrt", "sgdmrt"]
     for r in results.values():

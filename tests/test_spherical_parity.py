@@ -28,13 +28,20 @@ def make_optimizer(spec, spherical):
     h = spec["hyperparameters"]
     if spec["optimizer"] == "SGDMRT":
         return keras_adamp.SGDMRT(
-            h["lr"], momentum=h["momentum"], dampening=h["dampening"],
-            l2=h["weight_decay"], spherical=spherical,
+            h["lr"],
+            momentum=h["momentum"],
+            dampening=h["dampening"],
+            l2=h["weight_decay"],
+            spherical=spherical,
         )
     cls = {"AdamS": keras_adamp.AdamS, "AdamSRT": keras_adamp.AdamSRT}
     return cls[spec["optimizer"]](
-        learning_rate=h["lr"], beta_1=h["betas"][0], beta_2=h["betas"][1],
-        epsilon=h["eps"], l2=h["weight_decay"], spherical=spherical,
+        learning_rate=h["lr"],
+        beta_1=h["betas"][0],
+        beta_2=h["betas"][1],
+        epsilon=h["eps"],
+        l2=h["weight_decay"],
+        spherical=spherical,
     )
 
 
@@ -74,7 +81,8 @@ def run_case(case):
         m = keras.ops.convert_to_numpy(optimizer._momentums[0])
         v = (
             full_second_moment(optimizer, variable)
-            if spec["optimizer"] != "SGDMRT" else None
+            if spec["optimizer"] != "SGDMRT"
+            else None
         )
         yield step, keras.ops.convert_to_numpy(variable), m, v
 
@@ -102,9 +110,7 @@ def test_trajectory_equals_the_reference(case):
 def test_golden_file_covers_every_optimizer_and_grouping():
     kinds = {(s["optimizer"], s["group"].split(" ")[0]) for s in SPEC.values()}
     assert kinds == {
-        (o, g)
-        for o in ("AdamS", "AdamSRT", "SGDMRT")
-        for g in ("output", "one", "not")
+        (o, g) for o in ("AdamS", "AdamSRT", "SGDMRT") for g in ("output", "one", "not")
     }
     assert len(SPEC) == 24
 
@@ -126,12 +132,15 @@ def _group_cosines(layout, a, w):
 def test_first_moment_is_tangent_at_the_new_point_after_transport(case):
     cosines = []
     for _, w, m, _ in run_case(case):
-        cosines.append(_group_cosines(
-            keras_adamp.layouts.ChannelLayout.create(
-                w.shape, () if SPEC[case]["group"].startswith("one") else -1
-            ),
-            m, w,
-        ))
+        cosines.append(
+            _group_cosines(
+                keras_adamp.layouts.ChannelLayout.create(
+                    w.shape, () if SPEC[case]["group"].startswith("one") else -1
+                ),
+                m,
+                w,
+            )
+        )
     cosines = np.array(cosines)
     if SPEC[case]["optimizer"] == "AdamS":
         # No transport: the first moment has a radial part (the test can fail).

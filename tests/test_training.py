@@ -9,11 +9,11 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-
 from _data import conv_bn_model
 from _data import digits
-from keras_adamp import AdamP
+
 from keras_adamp import SGDP
+from keras_adamp import AdamP
 
 OPTIMIZERS = {
     "adamp": lambda: AdamP(learning_rate=0.01, weight_decay=0.01),
@@ -72,6 +72,7 @@ def _run_python(code, cwd):
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=cwd,
         env=env,
+        check=False,
         capture_output=True,
         text=True,
         timeout=300,

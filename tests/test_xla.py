@@ -8,10 +8,10 @@ jit_compile means torch.compile, not XLA, and is skipped."""
 import keras
 import numpy as np
 import pytest
-
 from _data import digits
-from keras_adamp import AdamP
+
 from keras_adamp import SGDP
+from keras_adamp import AdamP
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() == "torch",
