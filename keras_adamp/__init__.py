@@ -5,7 +5,7 @@ scale-invariant weights (kernels followed by BatchNorm or LayerNorm), so the
 weight norm stops growing and the effective step size stops shrinking.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 try:
     import keras  # noqa: F401

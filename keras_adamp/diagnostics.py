@@ -92,7 +92,8 @@ def compute_gradients(model, x, y, loss=None, training=True, optimizer=None):
 
     Args:
         model: A built Keras model.
-        x, y: One batch (NumPy arrays or backend tensors).
+        x: One batch's inputs (NumPy arrays or backend tensors).
+        y: Its targets.
         loss: A loss (anything ``keras.losses.get`` accepts, or a callable
             ``loss(y_true, y_pred)``); default: the compiled ``model.loss``.
         training: Passed to the model call (BatchNorm in training mode by
@@ -226,7 +227,8 @@ def scale_invariance_report(model, x, y, optimizer=None, loss=None, gradients=No
 
     Args:
         model: A built Keras model.
-        x, y: One training batch.
+        x: One training batch's inputs.
+        y: Its targets.
         optimizer: An ``AdamP``/``SGDP`` (default: ``model.optimizer`` if it is
             one). Its ``delta``, ``epsilon`` and layouts (``channel_layout``,
             hence any ``channel_axes`` override) are used; for another
