@@ -179,7 +179,7 @@ def test_16_bit_variable_steps_like_float32(dtype, optimizer_name):
     AdamP on float16 variables needs an epsilon float16 can hold: the default
     1e-8 rounds to 0 there, and where the second moment underflows (|g| below
     ~1e-3) Adam's denominator is 0, as in the reference run in half precision
-    (README: "Distributed and mixed-precision training")."""
+    (docs/distributed.md, "Mixed precision")."""
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((64, 6)) * 50).astype("float32")
     overrides = (
