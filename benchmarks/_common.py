@@ -4,6 +4,7 @@ interleaved timing rounds, the machine description and the JSON output."""
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -95,11 +96,48 @@ def machine():
                     break
     except OSError:
         pass
+    info.update(package_commit(info["keras_adamp"]))
     try:
         info["loadavg_start"] = os.getloadavg()
     except OSError:
         pass
     return info
+
+
+def package_commit(package_dir):
+    """The git commit of the checkout that holds `package_dir`: its HEAD, the
+    last commit that changed the package, and whether the package differs
+    from HEAD (uncommitted edits). Empty outside a git checkout."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", package_dir, *args],
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=30,
+        )
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode:
+            return {}
+        last = git("log", "-1", "--format=%h", "--", ".")
+        dirty = git("status", "--porcelain", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {
+        "commit": head.stdout.strip(),
+        "package_commit": last.stdout.strip(),
+        "package_dirty": bool(dirty.stdout.strip()),
+    }
+
+
+def loadavg():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
 
 
 def write_json(path, result):
