@@ -435,7 +435,10 @@ def tf_group(names, specs, weights, grads, mode):
     if mode.startswith("mirrored"):
         strategy = tf.distribute.MirroredStrategy(["CPU:0"])
     steppers, sizes, slots = {}, {}, {}
-    tf_grads = [tf.constant(g) for g in grads]
+    # On the accelerator, if there is one (as a step's gradients are).
+    device = "/GPU:0" if tf.config.list_logical_devices("GPU") else "/CPU:0"
+    with tf.device(device):
+        tf_grads = [tf.identity(tf.constant(g)) for g in grads]
     scope = strategy.scope if strategy else None
     for name, optimizer, variables, slots[name] in built_optimizers(
         names, specs, weights, scope
@@ -516,6 +519,8 @@ def torch_group(names, specs, weights, grads, mode):
         def run(optimizer=optimizer, variables=variables):
             with torch.no_grad():
                 optimizer.apply(torch_grads, variables)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
 
         steppers[name] = run
     return steppers, {}, slots
@@ -568,8 +573,11 @@ def official_group(names, specs, weights, grads, mode):
         ),
     }
 
+    # Keras's torch backend puts its variables on the GPU if there is one.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
     def to_torch(x):
-        return torch.from_numpy(x.copy()).reshape(torch_layout(x.shape)).clone()
+        return torch.from_numpy(x.copy()).reshape(torch_layout(x.shape)).to(device)
 
     steppers = {}
     for name in names:
@@ -584,6 +592,8 @@ def official_group(names, specs, weights, grads, mode):
         def run(optimizer=optimizer):
             with torch.no_grad():
                 optimizer.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
 
         steppers[official] = run
     return steppers, {}, {}
