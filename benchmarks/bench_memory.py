@@ -38,6 +38,7 @@ Linux only (reads /proc).
     python benchmarks/bench_memory.py --backends tensorflow --modes xla \\
         --optimizers AdamP,SGDP --json mem.json
     python benchmarks/bench_memory.py --kernels 2 --size 256   # smoke
+    python benchmarks/bench_memory.py --summary mem.json       # its table again
 
 Run from the repository root (or with keras_adamp importable).
 """
@@ -295,6 +296,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--timeout", type=int, default=300, help="seconds per process")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument(
+        "--summary", metavar="JSON", help="print the summary of a written JSON"
+    )
     # One configuration, in this process (what the parent runs).
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
@@ -439,7 +443,10 @@ def summary(result):
 
 if __name__ == "__main__":
     ARGS = parse_args()
-    if ARGS.child:
+    if ARGS.summary:
+        with open(ARGS.summary) as f:
+            print(summary(json.load(f)))
+    elif ARGS.child:
         child(ARGS)
     else:
         main(ARGS)

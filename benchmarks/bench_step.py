@@ -44,6 +44,7 @@ start and end of each group, and the keras_adamp commit.
     python benchmarks/bench_step.py --optimizers AdamP,SGDP --modes xla --rounds 3
     python benchmarks/bench_step.py --model resnet18ish --rounds 1 --steps 1  # smoke
     python benchmarks/bench_step.py --compare /tmp/before   # + another checkout
+    python benchmarks/bench_step.py --summary step.json     # its table again
 
 `--optimizers` takes ours and/or Keras's names (each of ours brings its
 base). `--compare DIR` also steps the selected optimizers of the keras_adamp
@@ -167,7 +168,12 @@ def parse_args(argv=None):
         help="--backend all: seconds allowed to each backend's process",
     )
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument(
+        "--summary", metavar="JSON", help="print the summary of a written JSON"
+    )
     args = parser.parse_args(argv)
+    if args.summary:
+        return args
     args.optimizers = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     known = set(BASES) | set(BASES.values())
     unknown = [n for n in args.optimizers if n not in known]
@@ -214,12 +220,14 @@ def import_other(path):
 
 ARGS = parse_args() if __name__ == "__main__" else None
 OTHER = None
-if ARGS is not None and ARGS.backend != "all":
+#: No Keras in this process: --backend all (a driver) or --summary.
+DRIVER = ARGS is not None and (ARGS.backend == "all" or bool(ARGS.summary))
+if ARGS is not None and not DRIVER:
     select_backend(ARGS.backend)
     if ARGS.compare:
         OTHER = import_other(ARGS.compare)
 
-if ARGS is None or ARGS.backend != "all":
+if not DRIVER:
     # The layouts guessed from names are those of these shapes (the
     # variables carry no layer); the warning saying so is noise here.
     import warnings
@@ -800,8 +808,20 @@ def run_all(args, argv):
     return results
 
 
+def print_summary(path):
+    """Prints the summary of a JSON written by this script (one backend's,
+    or --backend all's)."""
+    with open(path) as f:
+        result = json.load(f)
+    for r in [result] if "groups" in result else result.values():
+        print(summary(r) if "groups" in r else r)
+        print()
+
+
 if __name__ == "__main__":
-    if ARGS.backend == "all":
+    if ARGS.summary:
+        print_summary(ARGS.summary)
+    elif ARGS.backend == "all":
         run_all(ARGS, sys.argv[1:])
     else:
         main(ARGS)
