@@ -19,8 +19,9 @@ allows and what a backend can't do, each skip with its reason:
    alone. Configurations: batch 256 and 32; mixed precision
    (`mixed_float16` on TensorFlow and torch, `mixed_bfloat16` on JAX;
    `--mixed` to choose) and float32; `jit_compile` on (XLA) and off. JAX
-   always compiles with XLA and torch has no XLA (Keras's `jit_compile` on
-   torch is `torch.compile`): those are skipped with the reason.
+   always compiles with XLA (its non-XLA rows are skipped with the reason);
+   torch has no XLA (Keras's `jit_compile` on torch is `torch.compile`, not
+   timed here): its rows run eager, once per batch and precision.
 2. Optimizer step: `bench_step.py` on the ResNet-50 variable set (AdamP,
    SGDP, AdamSRT, SGDMRT and their bases; TF and JAX with XLA, torch eager
    with the official torch code), in its own process.
@@ -56,34 +57,36 @@ PAIRS = (("AdamP", "AdamW"), ("SGDP", "SGD"))
 
 
 def train_plan(backend, smoke, mixed):
-    """(batch, policy, jit, optimizers), most wanted first."""
-    if smoke:
-        return [
-            (2, mixed, True, ("AdamP", "AdamW", "SGDP", "SGD")),
-            (2, "float32", False, ("AdamP", "AdamW")),
-        ]
+    """[(batch, policy, jit, optimizers)], most wanted first. torch has no
+    XLA: its rows run eager, once each."""
     both = ("AdamP", "AdamW", "SGDP", "SGD")
     adam = ("AdamP", "AdamW")
-    return [
-        (256, mixed, True, both),
-        (32, mixed, True, both),
-        (256, "float32", True, adam),
-        (256, mixed, False, adam),
-        (32, "float32", True, adam),
-        (32, mixed, False, adam),
-        (256, "float32", False, adam),
-        (32, "float32", False, adam),
-    ]
+    if smoke:
+        plan = [(2, mixed, True, both), (2, "float32", False, adam)]
+    else:
+        plan = [
+            (256, mixed, True, both),
+            (32, mixed, True, both),
+            (256, "float32", True, adam),
+            (256, mixed, False, adam),
+            (32, "float32", True, adam),
+            (32, mixed, False, adam),
+            (256, "float32", False, adam),
+            (32, "float32", False, adam),
+        ]
+    if backend != "torch":
+        return plan
+    eager, seen = [], set()
+    for batch, policy, _, names in plan:
+        if (batch, policy) not in seen:
+            seen.add((batch, policy))
+            eager.append((batch, policy, False, names))
+    return eager
 
 
 def skip_reason(backend, jit):
     if backend == "jax" and not jit:
         return "JAX compiles every step with XLA: there is no non-XLA mode"
-    if backend == "torch" and jit:
-        return (
-            "torch has no XLA (Keras's jit_compile=True on torch is "
-            "torch.compile, not timed here); torch runs eager"
-        )
     return None
 
 

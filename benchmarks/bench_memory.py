@@ -177,7 +177,7 @@ def _keras_step(backend, mode, optimizer, variables, grads):
     if backend == "jax":
         import jax
 
-        jax_grads = [jax.numpy.asarray(g) for g in grads]
+        jax_grads = [jax.numpy.array(g, copy=True) for g in grads]
         # Copies that JAX owns: a buffer made from a NumPy array can alias
         # NumPy's memory, and then XLA copies it instead of reusing it
         # when donated (the first step would hold a copy of the state).
