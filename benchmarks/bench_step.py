@@ -52,8 +52,11 @@ in checkout DIR (e.g. `git worktree add /tmp/before <commit>`) as
 "AdamP@base" etc., interleaved with the rest in the same process:
 before/after ratios that load on a shared machine hits alike.
 
-A default run of one backend takes 5-12 minutes on a 2-core CPU; `--backend
-all` runs the three one after the other. Run from the repository root (or
+TensorFlow runs each mode in its own process (and `--backend all` each
+backend), merged into one JSON: a process that compiled all 40
+configurations would hold ~10 GB. A default run of one backend takes
+5-12 minutes on a quiet 2-core CPU (TensorFlow the longest: 40 XLA or graph
+compilations), 2-3 times that under a load of 8. Run from the repository root (or
 with keras_adamp importable).
 """
 
@@ -165,7 +168,7 @@ def parse_args(argv=None):
         "--timeout",
         type=int,
         default=1800,
-        help="--backend all: seconds allowed to each backend's process",
+        help="seconds allowed to each TensorFlow mode's process",
     )
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument(
@@ -767,39 +770,69 @@ def _load(value):
     return "/".join(f"{x:.1f}" for x in value) if value else "?"
 
 
-def run_all(args, argv):
-    """--backend all: each backend in its own process (its own timeout);
-    one JSON {backend: result} and the summaries of all three."""
-    results = {}
-    # The same arguments, less --backend, --json and --timeout.
-    cleaned, skip = [], False
+def _without(argv, options):
+    """`argv` less the given options and their values."""
+    out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-            continue
-        if a in ("--backend", "--json", "--timeout"):
+        elif a in options:
             skip = True
-            continue
-        if a.startswith(("--backend=", "--json=", "--timeout=")):
-            continue
-        cleaned.append(a)
-    passed = cleaned
+        elif not a.startswith(tuple(o + "=" for o in options)):
+            out.append(a)
+    return out
+
+
+def _child(cmd, timeout):
+    """Runs this script in a child process; its JSON result, or the error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *cmd, "--json", out]
+        print(f"\n#### {' '.join(cmd)}", flush=True)
+        try:
+            rc = subprocess.run(cmd, check=False, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"timeout after {timeout} s"
+        if os.path.exists(out):
+            with open(out) as f:
+                return json.load(f)
+        return {"error": f"exit {rc}"}
+
+
+def run_modes_apart(args, argv):
+    """TensorFlow with several modes: each mode in its own process (a
+    process that compiled 10 optimizers x 4 modes on ResNet-50 holds ~10 GB),
+    merged into one result."""
+    passed = _without(argv, ("--backend", "--json", "--modes", "--timeout"))
+    passed = [a for a in passed if a not in ("--no-xla", "--only-xla")]
+    result = None
+    for mode in args.modes:
+        part = _child(
+            ["--backend", args.backend, "--modes", mode, *passed], args.timeout
+        )
+        if "groups" not in part:
+            part = {"groups": {mode: {"mode": mode, "error": part.get("error")}}}
+        if result is None or "machine" not in result:
+            groups = (result or {}).get("groups", {})
+            result = dict(part, groups={**groups, **part["groups"]})
+        else:
+            result["groups"].update(part["groups"])
+    result["modes_in_own_processes"] = True
+    if "machine" in result:
+        result["machine"]["loadavg_end"] = loadavg()
+        print()
+        print(summary(result))
+    write_json(args.json, result)
+    return result
+
+
+def run_all(args, argv):
+    """--backend all: each backend in its own process (its own timeout);
+    one JSON {backend: result} and the summaries of all three."""
+    passed = _without(argv, ("--backend", "--json"))
+    results = {}
     for backend in BACKENDS:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "result.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--backend", backend]
-            cmd += passed + ["--json", out]
-            print(f"\n#### {' '.join(cmd)}", flush=True)
-            try:
-                proc = subprocess.run(cmd, check=False, timeout=args.timeout)
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            if os.path.exists(out):
-                with open(out) as f:
-                    results[backend] = json.load(f)
-            else:
-                results[backend] = {"error": f"exit {rc}"}
+        results[backend] = _child(["--backend", backend, *passed], None)
     print("\n#### summary")
     for backend, result in results.items():
         print(summary(result) if "groups" in result else f"{backend}: {result}")
@@ -823,5 +856,7 @@ if __name__ == "__main__":
         print_summary(ARGS.summary)
     elif ARGS.backend == "all":
         run_all(ARGS, sys.argv[1:])
+    elif ARGS.backend == "tensorflow" and len(ARGS.modes) > 1:
+        run_modes_apart(ARGS, sys.argv[1:])
     else:
         main(ARGS)
