@@ -20,8 +20,8 @@ def select_backend(backend):
 
 
 def time_rounds(steppers, rounds, steps, warmup):
-    """``({name: [seconds per step, one per round]}, {name: first call s,
-    name + " cpu": its CPU s})``.
+    """``({name: [seconds per step, one per round], name + " cpu": [CPU
+    seconds per step]}, {name: first call s, name + " cpu": its CPU s})``.
 
     Every stepper runs once per round, in turn, so that load from other
     processes hits all configurations alike. The first call (trace and
@@ -43,15 +43,22 @@ def time_rounds(steppers, rounds, steps, warmup):
         for _ in range(warmup):
             run()
     times = {name: [] for name in steppers}
+    # CPU seconds of this process per step too (all its threads): on a
+    # shared machine they grow less with other processes' load than wall
+    # time does (less for a program that spins waiting for its threads).
+    times.update({name + " cpu": [] for name in steppers})
     for r in range(rounds):
         for name, run in steppers.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 run()
             times[name].append((time.perf_counter() - t0) / steps)
+            times[name + " cpu"].append((time.process_time() - c0) / steps)
         print(
             f"  round {r + 1}/{rounds}: "
-            + ", ".join(f"{n} {1e3 * t[-1]:.1f}" for n, t in times.items())
+            + ", ".join(
+                f"{n} {1e3 * t[-1]:.1f}" for n, t in times.items() if " cpu" not in n
+            )
             + " ms",
             flush=True,
         )

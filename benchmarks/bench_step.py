@@ -740,7 +740,7 @@ def summary(result):
     )
     columns = (
         f"{'mode':<15} {'pair':<32} {'ours ms':>9} {'base ms':>9} {'step':>6} "
-        f"{'first':>6} {'1st CPU':>7} {'size':>6}"
+        f"{'stepCPU':>7} {'first':>6} {'1st CPU':>7} {'size':>6}"
     )
     lines = [header, columns]
     for mode, group in result["groups"].items():
@@ -757,7 +757,8 @@ def summary(result):
 
             lines.append(
                 f"{mode:<15} {a + '/' + b:<32} {med[a]:9.1f} {med[b]:9.1f} "
-                f"{med[a] / med[b]:6.2f} {ratio(first, a, b):>6} "
+                f"{med[a] / med[b]:6.2f} {ratio(med, a + ' cpu', b + ' cpu'):>7} "
+                f"{ratio(first, a, b):>6} "
                 f"{ratio(first, a + ' cpu', b + ' cpu'):>7} "
                 f"{ratio(size, a, b):>6}"
             )
