@@ -11,8 +11,9 @@ shapes; fixed random gradients), run as the backend runs a training step:
   strategy: a `tf.function` (with or without `jit_compile`) of
   `strategy.run(step)`, variables and slots created in the strategy's scope.
 * JAX: `jax.jit(optimizer.stateless_apply)` ("xla"; there is no other mode).
-* torch: eager `optimizer.apply(grads, variables)` under `torch.no_grad()`,
-  as Keras's torch trainer calls it ("eager").
+* torch: eager `optimizer.apply(grads, variables)` as a custom training
+  loop calls it ("eager"), and under `torch.no_grad()` as Keras's torch
+  trainer calls it ("eager-nograd"; then autograd records nothing).
 * The official PyTorch code ("official"): `adamp.AdamP`, `adamp.SGDP`,
   `torch.optim.AdamW`, `torch.optim.SGD` on the same shapes in PyTorch's
   layout, in the same process and threads (by default with the torch
@@ -80,7 +81,7 @@ BACKENDS = ("tensorflow", "jax", "torch")
 MODES = {
     "tensorflow": ("xla", "graph", "mirrored-xla", "mirrored-graph"),
     "jax": ("xla",),
-    "torch": ("eager",),
+    "torch": ("eager", "eager-nograd"),
 }
 #: ours -> its Keras base (same hyperparameters; see `keras_optimizers`).
 BASES = {
@@ -119,8 +120,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--modes",
         help="comma-separated; TensorFlow: xla, graph, mirrored-xla, "
-        "mirrored-graph; JAX: xla; torch: eager, official. Default: all of "
-        "the backend's (torch: eager and official)",
+        "mirrored-graph; JAX: xla; torch: eager, eager-nograd, official. "
+        "Default: all of the backend's (torch: and official)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
     parser.add_argument(
@@ -517,18 +518,23 @@ def jax_group(names, specs, weights, grads, mode):
 
 
 def torch_group(names, specs, weights, grads, mode):
-    """Keras's torch backend: eager `optimizer.apply` under no_grad, as its
-    trainer runs it. No program size."""
+    """Keras's torch backend, eager: "eager" calls `optimizer.apply(grads,
+    variables)` as a custom training loop does; "eager-nograd" calls it
+    under `torch.no_grad()`, as Keras's torch trainer does (then no op of
+    the step is recorded for autograd). No program size."""
+    import contextlib
+
     import torch
 
     steppers, slots = {}, {}
     torch_grads = [keras.ops.convert_to_tensor(g) for g in grads]
+    context = torch.no_grad if mode == "eager-nograd" else contextlib.nullcontext
     for name, optimizer, variables, slots[name] in built_optimizers(
         names, specs, weights
     ):
 
         def run(optimizer=optimizer, variables=variables):
-            with torch.no_grad():
+            with context():
                 optimizer.apply(torch_grads, variables)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
