@@ -29,8 +29,9 @@ followed by BatchNorm); AdamP and SGDP test every variable as they do.
 Within one mode ("group"), every configuration runs once per round, in turn
 (interleaved rounds), so that load from other processes hits all of them
 alike; then the group is freed and the next one built. Printed and written:
-the median of the per-round step times and the same-run ratios, the first
-call of each (trace and compile, wall and CPU seconds; a ratio of CPU seconds
+the median of the per-round step times (wall, and CPU seconds of the
+process per step: "stepCPU", which other processes' load inflates less) and
+the same-run ratios, the first call of each (trace and compile, wall and CPU seconds; a ratio of CPU seconds
 is less sensitive to other processes), and the size of the compiled program
 (TensorFlow: ops of the `tf.function` graph, counting those in the functions
 of its library, i.e. cond branches and the replica function under a
@@ -57,7 +58,10 @@ TensorFlow runs each mode in its own process (and `--backend all` each
 backend), merged into one JSON: a process that compiled all 40
 configurations would hold ~10 GB. A default run of one backend takes
 5-12 minutes on a quiet 2-core CPU (TensorFlow the longest: 40 XLA or graph
-compilations), 2-3 times that under a load of 8. Run from the repository root (or
+compilations), 2-3 times that under a load of 8. torch's worker threads
+spin: on cores shared with other processes its steps slow down 10-30x
+(measured: AdamP 22 s a step at a load of 12 on 2 cores), so there pass
+`--torch-threads 1 --rounds 3 --steps 1`. Run from the repository root (or
 with keras_adamp importable).
 """
 
