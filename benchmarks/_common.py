@@ -4,6 +4,7 @@ interleaved timing rounds, the machine description and the JSON output."""
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -19,8 +20,8 @@ def select_backend(backend):
 
 
 def time_rounds(steppers, rounds, steps, warmup):
-    """``({name: [seconds per step, one per round]}, {name: first call s,
-    name + " cpu": its CPU s})``.
+    """``({name: [seconds per step, one per round], name + " cpu": [CPU
+    seconds per step]}, {name: first call s, name + " cpu": its CPU s})``.
 
     Every stepper runs once per round, in turn, so that load from other
     processes hits all configurations alike. The first call (trace and
@@ -42,15 +43,22 @@ def time_rounds(steppers, rounds, steps, warmup):
         for _ in range(warmup):
             run()
     times = {name: [] for name in steppers}
+    # CPU seconds of this process per step too (all its threads): on a
+    # shared machine they grow less with other processes' load than wall
+    # time does (less for a program that spins waiting for its threads).
+    times.update({name + " cpu": [] for name in steppers})
     for r in range(rounds):
         for name, run in steppers.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 run()
             times[name].append((time.perf_counter() - t0) / steps)
+            times[name + " cpu"].append((time.process_time() - c0) / steps)
         print(
             f"  round {r + 1}/{rounds}: "
-            + ", ".join(f"{n} {1e3 * t[-1]:.1f}" for n, t in times.items())
+            + ", ".join(
+                f"{n} {1e3 * t[-1]:.1f}" for n, t in times.items() if " cpu" not in n
+            )
             + " ms",
             flush=True,
         )
@@ -95,11 +103,48 @@ def machine():
                     break
     except OSError:
         pass
+    info.update(package_commit(info["keras_adamp"]))
     try:
         info["loadavg_start"] = os.getloadavg()
     except OSError:
         pass
     return info
+
+
+def package_commit(package_dir):
+    """The git commit of the checkout that holds `package_dir`: its HEAD, the
+    last commit that changed the package, and whether the package differs
+    from HEAD (uncommitted edits). Empty outside a git checkout."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", package_dir, *args],
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=30,
+        )
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode:
+            return {}
+        last = git("log", "-1", "--format=%h", "--", ".")
+        dirty = git("status", "--porcelain", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {
+        "commit": head.stdout.strip(),
+        "package_commit": last.stdout.strip(),
+        "package_dirty": bool(dirty.stdout.strip()),
+    }
+
+
+def loadavg():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
 
 
 def write_json(path, result):
