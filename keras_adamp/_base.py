@@ -296,16 +296,15 @@ class StepOptimizer(keras.optimizers.Optimizer):
         )
 
     def _adam_step_sizes(self, learning_rate, dtype):
-        """The learning rate, 1 - beta_2**t, its square root and
-        lr / (1 - beta_1**t), in `dtype` (for the Adam family)."""
+        """The learning rate, sqrt(1 - beta_2**t) and lr / (1 - beta_1**t),
+        in `dtype` (for the Adam family)."""
         lr = ops.cast(learning_rate, dtype)
         # Bias corrections in float32 whatever the variable's dtype: in
         # float16, t * log(beta) and 1 - beta**t lose the step count.
         t = ops.cast(self.iterations + 1, "float32")
-        bc2 = one_minus_power(self.beta_2, t)
-        sqrt_bc2 = ops.cast(ops.sqrt(bc2), dtype)
+        sqrt_bc2 = ops.cast(ops.sqrt(one_minus_power(self.beta_2, t)), dtype)
         step_size = lr / ops.cast(one_minus_power(self.beta_1, t), dtype)
-        return lr, ops.cast(bc2, dtype), sqrt_bc2, step_size
+        return lr, sqrt_bc2, step_size
 
 
 class ProjectedOptimizer(StepOptimizer):

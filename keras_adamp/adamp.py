@@ -122,37 +122,31 @@ class AdamP(ProjectedOptimizer):
         )
 
     def _step_values(self, learning_rate, dtype):
-        lr, bc2, sqrt_bc2, step_size = self._adam_step_sizes(learning_rate, dtype)
+        lr, sqrt_bc2, step_size = self._adam_step_sizes(learning_rate, dtype)
         decay = lr * self.weight_decay if self.weight_decay else 0.0
-        return bc2, sqrt_bc2, step_size, decay
+        return sqrt_bc2, step_size, decay
 
-    def _moments(self, index, g):
-        """The new first and second moments, and the direction the update
-        divides by the denominator."""
+    def _moments(self, index, g, sqrt_bc2):
+        """The new first and second moments and the Adam update."""
         b1, b2 = self.beta_1, self.beta_2
         m_new = b1 * self._momentums[index] + (1.0 - b1) * g
         v_new = b2 * self._velocities[index] + (1.0 - b2) * ops.square(g)
+        denom = ops.sqrt(v_new) / sqrt_bc2 + self.epsilon
         if self.nesterov:
-            return m_new, v_new, b1 * m_new + (1.0 - b1) * g
-        return m_new, v_new, m_new
+            return m_new, v_new, (b1 * m_new + (1.0 - b1) * g) / denom
+        return m_new, v_new, m_new / denom
 
     def _sums(self, index, variable, g, values):
         if self._plan.layouts[index] is None:
             return None
-        return self._channel_sums(index, variable, g, self._update(index, g, values))
-
-    def _update(self, index, g, values):
-        """The new moments (if `assign`, assigned) and the Adam update."""
-        _, sqrt_bc2, _, _ = values
-        m_new, v_new, direction = self._moments(index, g)
-        return direction / (ops.sqrt(v_new) / sqrt_bc2 + self.epsilon)
+        _, _, u = self._moments(index, g, values[0])
+        return self._channel_sums(index, variable, g, u)
 
     def _assign(self, index, variable, g, values, coef, ratio):
-        _, sqrt_bc2, step_size, decay = values
-        m_new, v_new, direction = self._moments(index, g)
+        sqrt_bc2, step_size, decay = values
+        m_new, v_new, u = self._moments(index, g, sqrt_bc2)
         self.assign(self._momentums[index], m_new)
         self.assign(self._velocities[index], v_new)
-        u = direction / (ops.sqrt(v_new) / sqrt_bc2 + self.epsilon)
         self._finish(index, variable, u, step_size, decay, coef, ratio)
 
     def get_config(self):

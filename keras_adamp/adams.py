@@ -129,7 +129,7 @@ class AdamS(SphericalOptimizer):
         )
 
     def _step_values(self, learning_rate, dtype):
-        _, _, sqrt_bc2, step_size = self._adam_step_sizes(learning_rate, dtype)
+        _, sqrt_bc2, step_size = self._adam_step_sizes(learning_rate, dtype)
         return sqrt_bc2, step_size
 
     def _assign(self, index, variable, g, values, coef, ratio):
