@@ -1,8 +1,25 @@
-"""What AdamP and SGDP share besides the projection: argument checks, the
-per-variable static plan made in `build`, and weight decay moved into
-`update_step` (it depends on the projection's decision)."""
+"""The step machinery the five optimizers share: argument checks, unique
+names, dense gradients, the per-variable static plan made in `build`, the
+values computed once per step, and the step itself.
+
+A step runs in two phases over the variables:
+
+1. per variable, what the projection's decision needs of it, its channel
+   sums (`_sums`), and nothing is assigned;
+2. the decisions of all variables, in one set of small ops
+   (:func:`keras_adamp.projection.coefficients`);
+3. per variable, its update computed again from the optimizer's state and
+   the gradient, and assigned (`_assign`).
+
+Nothing of the size of a variable is held from 1 to 3: what 3 needs again
+is cheap elementwise work (XLA fuses it into the assignment). Under
+tf.distribute, 1 and 2 run in replica context (after the gradients are
+all-reduced every replica holds the same gradients and weights) and 3 in
+each variable's cross-replica update.
+"""
 
 import dataclasses
+import math
 import numbers
 
 import keras
@@ -41,44 +58,37 @@ def _is_indexed_slices(x):
     return type(x).__name__ == "IndexedSlices" and hasattr(x, "dense_shape")
 
 
+def one_minus_power(beta, t):
+    """1 - beta**t, accurate in float32 for beta near 1.
+
+    In float32 `1 - 0.999**t` keeps only ~3 digits (0.999**t carries an
+    absolute rounding of ~6e-8 and the difference is ~1e-3); the reference
+    computes it in float64. -expm1(t * log(beta)) keeps full precision.
+    """
+    if beta == 0:
+        return ops.ones_like(t)
+    return -ops.expm1(t * math.log(beta))
+
+
 @dataclasses.dataclass(frozen=True)
 class _VariablePlan:
     """Static facts per variable index, decided once in `build`.
 
-    On TensorFlow `update_step` receives the raw tf.Variable, which has no Keras
-    path, so everything that depends on the path is decided here.
+    On TensorFlow `update_step` receives the raw tf.Variable, which has no
+    Keras path, so everything that depends on the path is decided here.
     """
 
-    layouts: tuple  # layouts.ChannelLayout, or None for rank <= 1
-    folds: tuple  # bool: the projection can be folded into the final update
-
-
-class _Step:
-    """What one batched optimizer step holds until every variable's
-    `update_step` has run: the deferred assignments and the values shared by
-    all variables."""
-
-    def __init__(self):
-        self.pending = []  # (layout, channel sums, finish(coef, ratio))
-        self.shared = {}
-
-    def finish(self, delta, wd_ratio, eps):
-        """Decides the projection of every pending variable (one set of ops
-        per dtype of the sums) and runs the deferred assignments."""
-        groups = {}
-        for entry in self.pending:
-            dtype = keras.backend.standardize_dtype(entry[1].dtype)
-            groups.setdefault(dtype, []).append(entry)
-        for group in groups.values():
-            results = projection.coefficients(
-                [layout for layout, _, _ in group],
-                [sums for _, sums, _ in group],
-                delta,
-                wd_ratio,
-                eps,
-            )
-            for (_, _, finish), (coef, ratio) in zip(group, results):
-                finish(coef, ratio)
+    # AdamP, SGDP: the layout of a variable the projection may act on (None
+    # for rank <= 1 and biases). AdamS, AdamSRT, SGDMRT: the layout of a
+    # designated variable, else None.
+    layouts: tuple
+    # AdamP, SGDP: the projection can be folded into the final update.
+    folds: tuple = ()
+    # AdamS, AdamSRT, SGDMRT: designated with groups of more than 1 element.
+    transports: tuple = ()
+    # Per variable, which decisions it is batched with (with the dtype of
+    # its sums): variables sharded by a `keras.distribution` decide alone.
+    batches: tuple = ()
 
 
 def _tf_distributed():
@@ -90,10 +100,219 @@ def _tf_distributed():
     return tf.distribute.has_strategy()
 
 
-class ProjectedOptimizer(keras.optimizers.Optimizer):
-    """Base of AdamP and SGDP: not for direct use."""
+def _batch_keys(variables):
+    """Per variable, a key shared by the variables whose decisions may be made
+    in one set of ops: all, unless a `keras.distribution` shards a variable
+    (laying the per-channel vectors of differently sharded kernels side by
+    side would make the SPMD partitioner gather them); such a variable
+    decides alone."""
+    distribution = getattr(keras.distribution, "distribution", lambda: None)()
+    if distribution is None:
+        return (0,) * len(variables)
+    keys = []
+    for index, variable in enumerate(variables):
+        try:
+            layout = distribution.get_variable_layout(variable)
+        except (AttributeError, KeyError, NotImplementedError):  # replicated
+            layout = None
+        axes = getattr(layout, "axes", None) or ()
+        keys.append(("alone", index) if any(a is not None for a in axes) else 0)
+    return tuple(keys)
 
-    _step = None  # a _Step while a batched step is being built
+
+class StepOptimizer(keras.optimizers.Optimizer):
+    """Base of the five optimizers: not for direct use.
+
+    A subclass defines, per variable index,
+
+    * `_step_values(learning_rate, dtype)`: the tuple of values its update
+      needs that are the same for every variable of a dtype (computed once
+      per step and dtype);
+    * `_sums(index, variable, gradient, values)`: what the projection's
+      decision needs (`projection.channel_sums`), or None where there is no
+      decision; it must not assign anything;
+    * `_assign(index, variable, gradient, values, coef, ratio)`: the update,
+      computed from the optimizer's state as it was before the step, and its
+      assignments (`coef`, `ratio` from `projection.coefficients`, None
+      where `_sums` was None).
+    """
+
+    def __init__(self, learning_rate, weight_decay=None, name=None, **kwargs):
+        if name is None:
+            # Unique per process, as Keras's own optimizers ("adam",
+            # "adam_1"): TensorBoard and the LR callbacks log
+            # `learning_rate_{name}`, so two AdamP must not share a name.
+            name = unique_name(type(self).__name__.lower())
+        if isinstance(learning_rate, numbers.Real):
+            learning_rate = check_range("learning_rate", learning_rate, 0.0)
+        if weight_decay is not None:
+            weight_decay = check_range("weight_decay", weight_decay, 0.0)
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            name=name,
+            **kwargs,
+        )
+
+    def _decays(self, variable):
+        """Whether `variable` is decayed, read at each step as Keras does (a
+        `weight_decay` or `exclude_from_weight_decay` set after `build` is
+        honoured from the next traced step on)."""
+        return bool(self.weight_decay) and self._use_weight_decay(variable)
+
+    def _dense(self, gradient, variable):
+        # The channel sums need the whole gradient. On TensorFlow an
+        # Embedding's gradient is IndexedSlices: scatter sums repeated
+        # indices, as IndexedSlices do. Other sparse gradients
+        # (tf.SparseTensor, JAX's BCOO, torch sparse tensors) are densified
+        # by the backend.
+        if _is_indexed_slices(gradient):
+            gradient = ops.scatter(
+                ops.expand_dims(gradient.indices, -1),
+                gradient.values,
+                tuple(variable.shape),
+            )
+        elif getattr(gradient, "is_sparse", False) is True:
+            gradient = gradient.to_dense()  # torch
+        else:
+            gradient = ops.convert_to_tensor(gradient, sparse=False)
+        return ops.cast(gradient, variable.dtype)
+
+    # -- the step ----------------------------------------------------------
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Update step given gradient and the associated model variable."""
+        self._run_step([gradient], [variable], learning_rate)
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # The one entry of a step for every backend (a backend's own
+        # executor, e.g. a torch-native one, dispatches at its top).
+        if _tf_distributed():
+            self._tf_distributed_step(grads, trainable_variables, learning_rate)
+            return
+        self._run_step(grads, trainable_variables, learning_rate)
+
+    def _run_step(self, grads, variables, learning_rate):
+        for entry in self._decide(grads, variables, learning_rate):
+            self._assign_after(*entry)
+
+    def _decide(self, grads, variables, learning_rate):
+        """Phases 1 and 2: `[(index, variable, g, values, coef, ratio)]`, with
+        `g` the dense gradient; nothing assigned."""
+        shared = {}
+        entries = []
+        for gradient, variable in zip(grads, variables):
+            index = self._get_variable_index(variable)
+            g = self._dense(gradient, variable)
+            dtype = keras.backend.standardize_dtype(variable.dtype)
+            if dtype not in shared:
+                shared[dtype] = self._step_values(learning_rate, dtype)
+            values = shared[dtype]
+            sums = self._sums(index, variable, g, values)
+            entries.append([index, variable, g, values, sums, None])
+        # One decision per dtype of the sums and batch key.
+        groups = {}
+        for entry in entries:
+            sums = entry[4]
+            if sums is None:
+                continue
+            batch = self._plan.batches[entry[0]] if self._plan.batches else 0
+            key = (keras.backend.standardize_dtype(sums.dtype), batch)
+            groups.setdefault(key, []).append(entry)
+        for group in groups.values():
+            results = self._coefficients(
+                [self._plan.layouts[e[0]] for e in group], [e[4] for e in group]
+            )
+            for entry, (coef, ratio) in zip(group, results):
+                entry[4], entry[5] = coef, ratio
+        return [tuple(e) for e in entries]
+
+    def _coefficients(self, layouts, sums):
+        """Per variable, `(coef, ratio)` of its projection (the projected
+        family overrides)."""
+        raise NotImplementedError
+
+    def _assign_after(self, index, variable, g, values, coef, ratio):
+        """`_assign`, made to wait for the decision on TensorFlow graphs.
+
+        Otherwise the executor would compute the update's elementwise part
+        as soon as its inputs are ready, and hold it until the decision: a
+        buffer of the variable's size per variable at peak.
+        """
+        if coef is None or keras.backend.backend() != "tensorflow":
+            self._assign(index, variable, g, values, coef, ratio)
+            return
+        import tensorflow as tf
+
+        if tf.executing_eagerly():
+            self._assign(index, variable, g, values, coef, ratio)
+            return
+        with tf.control_dependencies([coef, ratio]):
+            self._assign(index, variable, g, values, coef, ratio)
+
+    def _tf_distributed_step(self, grads, variables, learning_rate):
+        """The step under a tf.distribute strategy, one decision for all
+        variables.
+
+        As Keras's own TensorFlow step, the gradients are all-reduced in
+        replica context and each variable is assigned in its cross-replica
+        update. In between, every replica holds the same gradients and
+        weights, so the sums and the decision are computed there, in replica
+        context (pure computation); each variable's update then receives its
+        gradient, coefficients and step values as arguments, unwrapped per
+        device.
+        """
+        import tensorflow as tf
+
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in variables]
+        grads_and_vars = self._all_reduce_sum_gradients(list(zip(grads, variables)))
+        entries = self._decide(
+            [g for g, _ in grads_and_vars],
+            [v for _, v in grads_and_vars],
+            learning_rate,
+        )
+        indices = [e[0] for e in entries]
+        # Only tensors (and the Python values among the step values) cross
+        # the merge call; None never does.
+        payloads = [tuple(x for x in e[2:] if x is not None) for e in entries]
+
+        def update(distribution, variables, payloads):
+            for index, variable, payload in zip(indices, variables, payloads):
+
+                def fn(var, *payload, index=index):
+                    g, values = payload[0], payload[1]
+                    coef, ratio = payload[2:] if len(payload) > 2 else (None, None)
+                    self._assign_after(index, var, g, values, coef, ratio)
+
+                distribution.extended.update(
+                    variable, fn, args=tuple(payload), group=False
+                )
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            update,
+            self._distribution_strategy,
+            [e[1] for e in entries],
+            payloads,
+        )
+
+    def _adam_step_sizes(self, learning_rate, dtype):
+        """The learning rate, sqrt(1 - beta_2**t) and lr / (1 - beta_1**t),
+        in `dtype` (for the Adam family)."""
+        lr = ops.cast(learning_rate, dtype)
+        # Bias corrections in float32 whatever the variable's dtype: in
+        # float16, t * log(beta) and 1 - beta**t lose the step count.
+        t = ops.cast(self.iterations + 1, "float32")
+        sqrt_bc2 = ops.cast(ops.sqrt(one_minus_power(self.beta_2, t)), dtype)
+        step_size = lr / ops.cast(one_minus_power(self.beta_1, t), dtype)
+        return lr, sqrt_bc2, step_size
+
+
+class ProjectedOptimizer(StepOptimizer):
+    """Base of AdamP and SGDP: not for direct use.
+
+    Weight decay is applied in the update (`_finish`): its factor depends on
+    whether the projection fired (wd_ratio) for that variable at that step.
+    """
 
     def __init__(
         self,
@@ -106,19 +325,9 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
         name=None,
         **kwargs,
     ):
-        if name is None:
-            # Unique per process, as Keras's own optimizers ("adam",
-            # "adam_1"): TensorBoard and the LR callbacks log
-            # `learning_rate_{name}`, so two AdamP must not share a name.
-            name = unique_name(type(self).__name__.lower())
-        if isinstance(learning_rate, numbers.Real):
-            learning_rate = check_range("learning_rate", learning_rate, 0.0)
-        weight_decay = check_range(
-            "weight_decay", 0.0 if weight_decay is None else weight_decay, 0.0
-        )
         super().__init__(
             learning_rate=learning_rate,
-            weight_decay=weight_decay,
+            weight_decay=0.0 if weight_decay is None else weight_decay,
             name=name,
             **kwargs,
         )
@@ -146,18 +355,13 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
                 layout is not None and not projection._is_low_precision(v.dtype)
                 for layout, v in zip(resolved, var_list)
             ),
+            batches=_batch_keys(var_list),
         )
 
     def _apply_weight_decay(self, variables):
-        # Decay is applied in `update_step`: its factor depends on whether the
+        # Decay is applied in the update: its factor depends on whether the
         # projection fired (wd_ratio) for that variable at that step.
         return
-
-    def _decays(self, variable):
-        """Whether `variable` is decayed, read at each step as Keras does (a
-        `weight_decay` or `exclude_from_weight_decay` set after `build` is
-        honoured from the next traced step on)."""
-        return bool(self.weight_decay) and self._use_weight_decay(variable)
 
     def channel_layout(self, variable):
         """The `layouts.ChannelLayout` used for `variable` (None: never
@@ -186,56 +390,24 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
             ) from None
         return self._plan.layouts[index]
 
-    def _dense(self, gradient, variable):
-        # The cosine needs the whole gradient. On TensorFlow an Embedding's
-        # gradient is IndexedSlices: scatter sums repeated indices, as
-        # IndexedSlices do. Other sparse gradients (tf.SparseTensor, JAX's
-        # BCOO, torch sparse tensors) are densified by the backend.
-        if _is_indexed_slices(gradient):
-            gradient = ops.scatter(
-                ops.expand_dims(gradient.indices, -1),
-                gradient.values,
-                tuple(variable.shape),
-            )
-        elif getattr(gradient, "is_sparse", False) is True:
-            gradient = gradient.to_dense()  # torch
-        else:
-            gradient = ops.convert_to_tensor(gradient, sparse=False)
-        return ops.cast(gradient, variable.dtype)
+    def _coefficients(self, layouts, sums):
+        return projection.coefficients(
+            layouts, sums, self.delta, self.wd_ratio, self.epsilon
+        )
 
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # Each variable's `update_step` computes its update and its channel
-        # sums and defers its final assignment; the projections of all
-        # variables are then decided by one set of small ops, instead of ~20
-        # per variable (graph size, compile time, kernel launches). Under
-        # tf.distribute `update_step` runs in the cross-replica update of
-        # each variable, which must assign there: each variable decides alone.
-        if _tf_distributed():
-            super()._backend_update_step(grads, trainable_variables, learning_rate)
-            return
-        self._step = _Step()
-        try:
-            super()._backend_update_step(grads, trainable_variables, learning_rate)
-            self._step.finish(self.delta, self.wd_ratio, self.epsilon)
-        finally:
-            self._step = None
+    def _channel_sums(self, index, variable, g, u):
+        """`projection.channel_sums` of a variable the projection may act on,
+        else None."""
+        layout = self._plan.layouts[index]
+        if layout is None:
+            return None
+        return projection.channel_sums(variable, g, u, layout)
 
-    def _per_step(self, key, compute):
-        """`compute()`, shared by every variable of one step (learning rate
-        and bias corrections are the same for all: computed once, not once
-        per variable)."""
-        if self._step is None:
-            return compute()
-        if key not in self._step.shared:
-            self._step.shared[key] = compute()
-        return self._step.shared[key]
-
-    def _update(
-        self, index, variable, gradient, update, lr, step, decay_scale=1.0, store=None
-    ):
-        """Assigns ``variable <- decayed(variable) - step * projected(update)``
-        (and ``store <- projected(update)`` if `store` is given), now or, in a
-        batched step, once all variables' projections are decided.
+    def _finish(self, index, variable, u, step, decay, coef, ratio, store=None):
+        """Assigns ``variable <- decayed(variable) - step * projected(u)``
+        (and ``store <- projected(u)`` if `store` is given), with `decay` the
+        step's ``lr * weight_decay * scale`` and `coef`, `ratio` the
+        variable's decision (None: never projected).
 
         Where the projected update need not be stored the projection is
         folded into one expression,
@@ -246,61 +418,30 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
         16-bit variables, whose coefficients are float32).
         """
         layout = self._plan.layouts[index]
+        decays = self._decays(variable)
         if layout is None:  # rank <= 1: never projected
             if store is not None:
-                self.assign(store, update)
-            w = self._decayed(index, variable, lr, 1.0, decay_scale)
-            self.assign(variable, w - step * update)
-            return
-        fold = store is None and self._plan.folds[index]
-
-        def finish(coef, ratio):
-            if fold:
-                scale = 1.0 + step * coef
-                if self._decays(variable):
-                    scale = scale - self._decay_rate(lr, decay_scale) * ratio
-                self.assign(
-                    variable,
-                    projection.per_channel(
-                        lambda w, u, s: w * s - step * u,
-                        scale,
-                        layout,
-                        variable,
-                        update,
-                    ),
-                )
-                return
-            u = projection.remove_radial(variable, update, coef, layout)
-            ratio = ops.cast(ratio, u.dtype)
-            if store is not None:
                 self.assign(store, u)
-            w = self._decayed(index, variable, lr, ratio, decay_scale)
+            w = variable * (1.0 - decay) if decays else variable
             self.assign(variable, w - step * u)
-
-        sums = projection.channel_sums(variable, gradient, update, layout)
-        if self._step is not None:
-            self._step.pending.append((layout, sums, finish))
             return
-        [(coef, ratio)] = projection.coefficients(
-            [layout], [sums], self.delta, self.wd_ratio, self.epsilon
-        )
-        finish(coef, ratio)
-
-    def _decayed(self, index, variable, lr, ratio, scale=1.0):
-        """w * (1 - lr * weight_decay * scale * ratio), or w if not decayed."""
-        if not self._decays(variable):
-            return variable
-        rate = self._decay_rate(lr, scale)
-        if not (isinstance(ratio, float) and ratio == 1.0):
-            rate = rate * ratio
-        return variable * (1.0 - rate)
-
-    def _decay_rate(self, lr, scale):
-        """lr * weight_decay * scale, once per step and dtype."""
-        return self._per_step(
-            ("decay", lr.dtype, scale),
-            lambda: lr * (self.weight_decay * scale),
-        )
+        if store is None and self._plan.folds[index]:
+            scale = 1.0 + step * coef
+            if decays:
+                scale = scale - decay * ratio
+            self.assign(
+                variable,
+                projection.per_channel(
+                    lambda w, u, s: w * s - step * u, scale, layout, variable, u
+                ),
+            )
+            return
+        u = projection.remove_radial(variable, u, coef, layout)
+        ratio = ops.cast(ratio, u.dtype)
+        if store is not None:
+            self.assign(store, u)
+        w = variable * (1.0 - decay * ratio) if decays else variable
+        self.assign(variable, w - step * u)
 
     def get_config(self):
         config = super().get_config()

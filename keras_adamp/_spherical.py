@@ -18,7 +18,6 @@ group and ``d`` its size; :class:`keras_adamp.layouts.ChannelLayout` does the
 grouping (``group_sum``) and the broadcast back (``per_element``).
 """
 
-import dataclasses
 import itertools
 import re
 import warnings
@@ -26,9 +25,9 @@ import warnings
 import keras
 
 from keras_adamp import layouts
-from keras_adamp._base import ProjectedOptimizer
+from keras_adamp._base import StepOptimizer
+from keras_adamp._base import _VariablePlan
 from keras_adamp._base import check_range
-from keras_adamp._base import unique_name
 
 #: The `spherical` value that designates nothing (and says so: no warning).
 NONE = ()
@@ -144,37 +143,18 @@ def designated_mask(variables, spherical):
     return mask
 
 
-@dataclasses.dataclass(frozen=True)
-class _VariablePlan:
-    """Static facts per variable index, decided once in `build` (on
-    TensorFlow `update_step` receives a raw tf.Variable with no path)."""
+class SphericalOptimizer(StepOptimizer):
+    """Base of AdamS, AdamSRT and SGDMRT: not for direct use.
 
-    layouts: tuple  # ChannelLayout of a designated variable, else None
-    transports: tuple  # bool: designated with groups of more than 1 element
-
-
-class SphericalOptimizer(keras.optimizers.Optimizer):
-    """Base of AdamS, AdamSRT and SGDMRT: not for direct use."""
+    There is no decision to make (`_sums` is None): each variable's update is
+    `_assign`. Keras's own weight decay applies, before the update.
+    """
 
     # What a variable that is not designated is updated by (for messages).
     _plain = "Adam"
 
     def __init__(self, learning_rate, l2, spherical, channel_axes, name=None, **kwargs):
-        if name is None:
-            name = unique_name(type(self).__name__.lower())
-        if isinstance(learning_rate, (int, float)) and not isinstance(
-            learning_rate, bool
-        ):
-            learning_rate = check_range("learning_rate", learning_rate, 0.0)
-        weight_decay = kwargs.pop("weight_decay", None)
-        if weight_decay is not None:
-            weight_decay = check_range("weight_decay", weight_decay, 0.0)
-        super().__init__(
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            name=name,
-            **kwargs,
-        )
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.l2 = check_range("l2", l2, 0.0)
         self.spherical = validate_spherical(spherical)
         self.channel_axes = layouts.validate_channel_axes(channel_axes)
@@ -244,8 +224,8 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
                 )
         return firsts, seconds
 
-    # The gradient must be dense for the group sums; AdamP's densification.
-    _dense = ProjectedOptimizer._dense
+    def _sums(self, index, variable, gradient, values):
+        return None  # no decision to make
 
     def channel_layout(self, variable):
         """The `layouts.ChannelLayout` of a designated `variable`, else None."""
@@ -255,9 +235,8 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
         """Whether `variable` is updated on the sphere."""
         return self.channel_layout(variable) is not None
 
-    def _gradient(self, gradient, variable):
-        """The raw gradient plus the coupled L2 term, `g + l2 * w`."""
-        g = self._dense(gradient, variable)
+    def _gradient(self, g, variable):
+        """The (dense) gradient plus the coupled L2 term, `g + l2 * w`."""
         if self.l2:
             g = g + self.l2 * variable
         return g

@@ -1,10 +1,9 @@
-import math
-
 import keras
 from keras import ops
 
 from keras_adamp._base import ProjectedOptimizer
 from keras_adamp._base import check_range
+from keras_adamp._base import one_minus_power
 from keras_adamp._docs import base_optimizer_keyword_args
 
 
@@ -122,39 +121,33 @@ class AdamP(ProjectedOptimizer):
             var_list, ["momentum", "velocity"]
         )
 
-    def update_step(self, gradient, variable, learning_rate):
-        """Update step given gradient and the associated model variable."""
-        index = self._get_variable_index(variable)
-        dtype = variable.dtype
-        lr, sqrt_bc2, step_size = self._per_step(
-            dtype, lambda: self._step_sizes(learning_rate, dtype)
-        )
-        g = self._dense(gradient, variable)
+    def _step_values(self, learning_rate, dtype):
+        lr, sqrt_bc2, step_size = self._adam_step_sizes(learning_rate, dtype)
+        decay = lr * self.weight_decay if self.weight_decay else 0.0
+        return sqrt_bc2, step_size, decay
+
+    def _moments(self, index, g, sqrt_bc2):
+        """The new first and second moments and the Adam update."""
         b1, b2 = self.beta_1, self.beta_2
-        m = self._momentums[index]
-        v = self._velocities[index]
-
-        m_new = b1 * m + (1.0 - b1) * g
-        v_new = b2 * v + (1.0 - b2) * ops.square(g)
-        self.assign(m, m_new)
-        self.assign(v, v_new)
-
+        m_new = b1 * self._momentums[index] + (1.0 - b1) * g
+        v_new = b2 * self._velocities[index] + (1.0 - b2) * ops.square(g)
         denom = ops.sqrt(v_new) / sqrt_bc2 + self.epsilon
         if self.nesterov:
-            u = (b1 * m_new + (1.0 - b1) * g) / denom
-        else:
-            u = m_new / denom
-        self._update(index, variable, g, u, lr, step_size)
+            return m_new, v_new, (b1 * m_new + (1.0 - b1) * g) / denom
+        return m_new, v_new, m_new / denom
 
-    def _step_sizes(self, learning_rate, dtype):
-        """The learning rate, sqrt(1 - beta_2**t) and lr / (1 - beta_1**t)."""
-        lr = ops.cast(learning_rate, dtype)
-        # Bias corrections in float32 whatever the variable's dtype: in
-        # float16, t * log(beta) and 1 - beta**t lose the step count.
-        t = ops.cast(self.iterations + 1, "float32")
-        sqrt_bc2 = ops.cast(ops.sqrt(_one_minus_power(self.beta_2, t)), dtype)
-        step_size = lr / ops.cast(_one_minus_power(self.beta_1, t), dtype)
-        return lr, sqrt_bc2, step_size
+    def _sums(self, index, variable, g, values):
+        if self._plan.layouts[index] is None:
+            return None
+        _, _, u = self._moments(index, g, values[0])
+        return self._channel_sums(index, variable, g, u)
+
+    def _assign(self, index, variable, g, values, coef, ratio):
+        sqrt_bc2, step_size, decay = values
+        m_new, v_new, u = self._moments(index, g, sqrt_bc2)
+        self.assign(self._momentums[index], m_new)
+        self.assign(self._velocities[index], v_new)
+        self._finish(index, variable, u, step_size, decay, coef, ratio)
 
     def get_config(self):
         config = super().get_config()
@@ -168,16 +161,8 @@ class AdamP(ProjectedOptimizer):
         return config
 
 
-def _one_minus_power(beta, t):
-    """1 - beta**t, accurate in float32 for beta near 1.
-
-    In float32 `1 - 0.999**t` keeps only ~3 digits (0.999**t carries an
-    absolute rounding of ~6e-8 and the difference is ~1e-3); the reference
-    computes it in float64. -expm1(t * log(beta)) keeps full precision.
-    """
-    if beta == 0:
-        return ops.ones_like(t)
-    return -ops.expm1(t * math.log(beta))
+# Kept importable under its former name.
+_one_minus_power = one_minus_power
 
 
 AdamP.__doc__ = AdamP.__doc__.replace(

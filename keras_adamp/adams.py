@@ -6,7 +6,6 @@ from keras import ops
 from keras_adamp._base import check_range
 from keras_adamp._docs import base_optimizer_keyword_args
 from keras_adamp._spherical import SphericalOptimizer
-from keras_adamp.adamp import _one_minus_power
 
 
 @keras.saving.register_keras_serializable(package="keras_adamp")
@@ -129,19 +128,16 @@ class AdamS(SphericalOptimizer):
             var_list, second_moment=True
         )
 
-    def update_step(self, gradient, variable, learning_rate):
-        """Update step given gradient and the associated model variable."""
-        index = self._get_variable_index(variable)
-        dtype = variable.dtype
-        lr = ops.cast(learning_rate, dtype)
-        g = self._gradient(gradient, variable)
-        # Bias corrections in float32 whatever the variable's dtype, as AdamP.
-        t = ops.cast(self.iterations + 1, "float32")
+    def _step_values(self, learning_rate, dtype):
+        _, sqrt_bc2, step_size = self._adam_step_sizes(learning_rate, dtype)
+        return sqrt_bc2, step_size
+
+    def _assign(self, index, variable, g, values, coef, ratio):
+        sqrt_bc2, step_size = values
+        g = self._gradient(g, variable)
         b1, b2, eps = self.beta_1, self.beta_2, self.epsilon
         m = self._momentums[index]
         v = self._velocities[index]
-        sqrt_bc2 = ops.cast(ops.sqrt(_one_minus_power(b2, t)), dtype)
-        step_size = lr / ops.cast(_one_minus_power(b1, t), dtype)
         layout = self._plan.layouts[index]
 
         if layout is None:  # not designated: Adam with L2

@@ -102,11 +102,12 @@ class SGDMRT(SphericalOptimizer):
         # Like Keras's SGD: no buffer without momentum.
         self._momentums, _ = self._add_slots(var_list, first_moment=self.momentum != 0)
 
-    def update_step(self, gradient, variable, learning_rate):
-        """Update step given gradient and the associated model variable."""
-        index = self._get_variable_index(variable)
-        lr = ops.cast(learning_rate, variable.dtype)
-        g = self._gradient(gradient, variable)
+    def _step_values(self, learning_rate, dtype):
+        return (ops.cast(learning_rate, dtype),)
+
+    def _assign(self, index, variable, g, values, coef, ratio):
+        (lr,) = values
+        g = self._gradient(g, variable)
         if self.momentum == 0:
             self.assign(variable, variable - lr * ((1.0 - self.dampening) * g))
             return

@@ -117,32 +117,42 @@ class SGDP(ProjectedOptimizer):
             else []
         )
 
-    def update_step(self, gradient, variable, learning_rate):
-        """Update step given gradient and the associated model variable."""
-        index = self._get_variable_index(variable)
-        dtype = variable.dtype
-        lr = self._per_step(dtype, lambda: ops.cast(learning_rate, dtype))
-        g = self._dense(gradient, variable)
+    def _step_values(self, learning_rate, dtype):
+        lr = ops.cast(learning_rate, dtype)
+        # Dampening does not enter the decay (as in the reference).
+        scale = 1.0 / (1.0 - self.momentum)
+        decay = lr * (self.weight_decay * scale) if self.weight_decay else 0.0
+        return lr, decay
 
-        store = None
-        if self.dampening:
-            g_in = (1.0 - self.dampening) * g
-        else:
-            g_in = g
+    def _direction(self, index, g):
+        """The update before the projection, and the new momentum buffer
+        (None without momentum)."""
+        g_in = (1.0 - self.dampening) * g if self.dampening else g
         if self.momentum == 0:
-            u = g_in
-        else:
-            buf = self._momentums[index]
-            buf_new = self.momentum * buf + g_in
-            if self.nesterov:
-                self.assign(buf, buf_new)
-                u = g + self.momentum * buf_new
-            else:
-                # The reference projects the buffer in place: the stored
-                # momentum is the projected u.
-                u, store = buf_new, buf
-        decay_scale = 1.0 / (1.0 - self.momentum)
-        self._update(index, variable, g, u, lr, lr, decay_scale, store)
+            return g_in, None
+        buf_new = self.momentum * self._momentums[index] + g_in
+        if self.nesterov:
+            return g + self.momentum * buf_new, buf_new
+        return buf_new, buf_new
+
+    def _sums(self, index, variable, g, values):
+        if self._plan.layouts[index] is None:
+            return None
+        u, _ = self._direction(index, g)
+        return self._channel_sums(index, variable, g, u)
+
+    def _assign(self, index, variable, g, values, coef, ratio):
+        lr, decay = values
+        u, buf_new = self._direction(index, g)
+        store = None
+        if self.momentum and self.nesterov:
+            self.assign(self._momentums[index], buf_new)
+        elif self.momentum:
+            # The reference projects the buffer in place: the stored
+            # momentum is the projected u (computed again here from the
+            # buffer before the step).
+            store = self._momentums[index]
+        self._finish(index, variable, u, lr, decay, coef, ratio, store)
 
     def get_config(self):
         config = super().get_config()

@@ -219,8 +219,8 @@ def model_parallel(workdir):
 
 
 def jax_jit_traces(workdir):
-    """JAX: how often our update_step runs, and on what, in `fit` with and
-    without jit_compile. Under jax.jit it runs once per variable, at tracing,
+    """JAX: how often our per-variable update (`_assign`) runs, and on what,
+    in `fit` with and without jit_compile. Under jax.jit it runs once per variable, at tracing,
     on tracers; without, once per variable per batch on concrete arrays."""
     import jax
     import keras
@@ -232,15 +232,15 @@ def jax_jit_traces(workdir):
         net = compile_adamp(model(), jit_compile=jit_compile)
         optimizer = net.optimizer
         calls = []
-        update_step = optimizer.update_step
+        assign = optimizer._assign
 
-        def counting_update_step(
-            gradient, variable, learning_rate, calls=calls, update_step=update_step
+        def counting_assign(
+            index, variable, gradient, *rest, calls=calls, assign=assign
         ):
             calls.append(isinstance(gradient, jax.core.Tracer))
-            return update_step(gradient, variable, learning_rate)
+            return assign(index, variable, gradient, *rest)
 
-        optimizer.update_step = counting_update_step
+        optimizer._assign = counting_assign
         history = net.fit(x, y, **FIT)
         facts[f"jit_{jit_compile}"] = {
             "model_jit_compile": net.jit_compile,

@@ -20,15 +20,16 @@ pytestmark = pytest.mark.skipif(
 
 
 def counting(cls):
-    """`cls` counting its update_step calls. Under a compiled step the Python
-    body runs only while tracing, so calls / variables = number of traces."""
+    """`cls` counting its per-variable updates (`_assign`, once per variable
+    and step). Under a compiled step the Python body runs only while
+    tracing, so calls / variables = number of traces."""
 
     class Counting(cls):
         calls = 0
 
-        def update_step(self, gradient, variable, learning_rate):
+        def _assign(self, *args):
             type(self).calls += 1
-            super().update_step(gradient, variable, learning_rate)
+            super()._assign(*args)
 
     return Counting
 

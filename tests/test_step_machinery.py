@@ -1,0 +1,116 @@
+"""The step the five optimizers share (keras_adamp/_base.py): one base, the
+decisions of all variables in one call, and nothing assigned before it."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_adamp
+from keras_adamp import _base
+from keras_adamp import projection
+
+# The test variables have no layers: their output channels are guessed.
+pytestmark = pytest.mark.filterwarnings("ignore:.*guessed from their shape")
+
+
+def variables():
+    rng = np.random.default_rng(0)
+    shapes = [(3, 3, 2, 4), (4,), (6, 5), (5,), (5, 3)]
+    return [
+        keras.Variable(rng.normal(size=s).astype("float32"), name=f"v{i}")
+        for i, s in enumerate(shapes)
+    ], [rng.normal(size=s).astype("float32") for s in shapes]
+
+
+OPTIMIZERS = {
+    "adamp": lambda: keras_adamp.AdamP(weight_decay=0.1),
+    "sgdp": lambda: keras_adamp.SGDP(momentum=0.9, weight_decay=0.1),
+    "sgdp_nesterov": lambda: keras_adamp.SGDP(momentum=0.9, nesterov=True),
+    "adamsrt": lambda: keras_adamp.AdamSRT(spherical=lambda v: len(v.shape) > 1),
+    "sgdmrt": lambda: keras_adamp.SGDMRT(
+        0.1, momentum=0.9, spherical=lambda v: len(v.shape) > 1
+    ),
+}
+
+
+def test_all_five_optimizers_share_one_step_base():
+    for cls in (
+        keras_adamp.AdamP,
+        keras_adamp.SGDP,
+        keras_adamp.AdamS,
+        keras_adamp.AdamSRT,
+        keras_adamp.SGDMRT,
+    ):
+        assert issubclass(cls, _base.StepOptimizer)
+        # one definition of the step and of the densification, not copies
+        assert cls._backend_update_step is _base.StepOptimizer._backend_update_step
+        assert cls._dense is _base.StepOptimizer._dense
+
+
+@pytest.mark.parametrize("name", ["adamp", "sgdp", "sgdp_nesterov"])
+def test_one_decision_for_all_projected_variables(name, monkeypatch):
+    calls = []
+    original = projection.coefficients
+
+    def counted(layouts, sums, *args):
+        calls.append(len(layouts))
+        return original(layouts, sums, *args)
+
+    monkeypatch.setattr(projection, "coefficients", counted)
+    vs, gs = variables()
+    optimizer = OPTIMIZERS[name]()
+    optimizer.apply(gs, vs)
+    assert calls == [3]  # the three variables of rank > 1, in one call
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_sums_and_the_decision_assign_nothing(name):
+    vs, gs = variables()
+    optimizer = OPTIMIZERS[name]()
+    optimizer.build(vs)
+    optimizer.apply(gs, vs)  # slots not all zero
+    state = [keras.ops.convert_to_numpy(v) for v in vs + optimizer.variables]
+    entries = optimizer._decide(gs, vs, optimizer.learning_rate)
+    after = [keras.ops.convert_to_numpy(v) for v in vs + optimizer.variables]
+    for a, b in zip(state, after):
+        np.testing.assert_array_equal(a, b)
+    # ... and the update computed afterwards from that state is the step's
+    optimizer._run_step(gs, vs, optimizer.learning_rate)
+    reference = OPTIMIZERS[name]()
+    rvs, _ = variables()
+    reference.build(rvs)
+    reference.apply(gs, rvs)
+    reference.apply(gs, rvs)
+    for a, b in zip(vs, rvs):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), rtol=1e-6
+        )
+    assert len(entries) == len(vs)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution")
+def test_variables_sharded_by_a_distribution_decide_alone(monkeypatch):
+    import jax
+
+    calls = []
+    original = projection.coefficients
+
+    def counted(layouts, sums, *args):
+        calls.append(len(layouts))
+        return original(layouts, sums, *args)
+
+    monkeypatch.setattr(projection, "coefficients", counted)
+    mesh = keras.distribution.DeviceMesh((1,), ["model"], jax.devices()[:1])
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map["v2"] = (None, "model")
+    distribution = keras.distribution.ModelParallel(layout_map=layout_map)
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(distribution)
+    try:
+        vs, gs = variables()
+        optimizer = OPTIMIZERS["adamp"]()
+        optimizer.apply(gs, vs)
+    finally:
+        keras.distribution.set_distribution(previous)
+    # v0 and v4 (replicated) together, v2 (sharded) alone
+    assert sorted(calls) == [1, 2]
