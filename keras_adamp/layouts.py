@@ -369,7 +369,8 @@ def resolve_channel_axes(variables, channel_axes=None, warn=True, owner=None):
                 break
         if axes is None:
             axes = default_channel_axes(shape, path.split("/")[-1])
-            if static_rule_is_a_guess(shape, path):
+            # (A zero-size variable is never projected: nothing to guess.)
+            if math.prod(shape) and static_rule_is_a_guess(shape, path):
                 guessed.append(f"'{path}' {shape} -> axes {axes}")
         try:
             layout = ChannelLayout.create(shape, axes)
