@@ -19,6 +19,7 @@ grouping (``group_sum``) and the broadcast back (``per_element``).
 """
 
 import itertools
+import math
 import re
 import warnings
 
@@ -182,6 +183,9 @@ class SphericalOptimizer(StepOptimizer):
         resolved = layouts.resolve_channel_axes(var_list, self.channel_axes)
         plan_layouts = []
         for variable, designated, layout in zip(var_list, mask, resolved):
+            # A zero-size variable has no group to move on a sphere: its
+            # step is the plain (no-op) one.
+            designated = designated and math.prod(variable.shape) > 0
             if designated and layout is None:
                 # Rank <= 1 has no output-channel axis: one group.
                 layout = layouts.ChannelLayout.create(tuple(variable.shape), ())

@@ -98,6 +98,8 @@ class ChannelLayout:
         view = tuple(size for _, size in runs)
         reduce_axes = tuple(i for i, (member, _) in enumerate(runs) if not member)
         channels = math.prod(size for member, size in runs if member)
+        # Not numel // channels: a zero-size variable can have no channels.
+        group_size = math.prod(size for member, size in runs if not member)
         broadcast = [size if member else 1 for member, size in runs]
         while len(broadcast) > 1 and broadcast[0] == 1:
             broadcast.pop(0)
@@ -106,7 +108,7 @@ class ChannelLayout:
             axes,
             view,
             reduce_axes,
-            numel // channels,
+            group_size,
             channels,
             tuple(broadcast),
         )
@@ -183,6 +185,8 @@ def default_channel_axes(shape, name=None):
       size 1 (depth multiplier 1, the MobileNet case) on a rank >= 3 kernel.
     * ``Embedding`` ``(vocab, dim)`` (variable name ``embeddings``): the rows,
       axis 0, since a LayerNorm after it normalises each token's vector.
+    * The LoRA factors that ``enable_lora`` adds to ``Dense``, ``EinsumDense``,
+      ``Conv1D/2D/3D`` and ``Embedding`` (:data:`LORA_NAMES`): the last axis.
     * Biases (:func:`is_bias`) and variables of rank <= 1: never projected.
 
     Shape and name cannot tell a ``Conv*Transpose`` kernel ``(*k, out, in)``
@@ -199,12 +203,27 @@ def default_channel_axes(shape, name=None):
     ndim = len(shape)
     if ndim <= 1 or (name is not None and is_bias(name)):
         return None
+    if name in LORA_NAMES:
+        return (ndim - 1,)
     if name == "embeddings" and ndim == 2:
         return (0,)
     if name == "depthwise_kernel" or (ndim >= 3 and shape[-1] == 1):
         return (ndim - 2, ndim - 1)
     return (ndim - 1,)
 
+
+#: The variables ``enable_lora(rank)`` adds: ``lora_kernel_a``
+#: ``(*kernel_shape[:-1], rank)`` and ``lora_kernel_b`` ``(rank, out)`` of
+#: Dense, EinsumDense and Conv1D/2D/3D, ``lora_embeddings_a`` ``(vocab, rank)``
+#: and ``lora_embeddings_b`` ``(rank, dim)`` of Embedding. The kernel they
+#: stand for is ``a @ b``; each is grouped by its last axis, as peft's
+#: ``lora_A`` ``(rank, in)`` and ``lora_B`` ``(out, rank)`` are by axis 0.
+LORA_NAMES = (
+    "lora_kernel_a",
+    "lora_kernel_b",
+    "lora_embeddings_a",
+    "lora_embeddings_b",
+)
 
 # Words in a variable's path that mark a kernel whose output axes the static
 # rules cannot know: a transposed convolution (its kernel is (*k, out, in)),
@@ -229,7 +248,8 @@ def static_rule_is_a_guess(shape, path):
     grouping (its rank >= 2 and no rule is sure of it).
 
     Sure: any rank-2 variable (a matrix ``(in, out)`` as Dense's, or
-    ``embeddings``), ``depthwise_kernel``, ``pointwise_kernel``, and a rank
+    ``embeddings``), ``depthwise_kernel``, ``pointwise_kernel``, the LoRA
+    factors (:data:`LORA_NAMES`), and a rank
     3-5 ``kernel`` that looks like a Conv's (spatial extents <= 32, last axis
     > 1, no word in its path that names a transposed, depthwise, attention or
     EinsumDense layer), or a depthwise one (last axis 1, "depthwise" in its
@@ -241,7 +261,7 @@ def static_rule_is_a_guess(shape, path):
     name = path.split("/")[-1]
     if ndim <= 2 or is_bias(name):
         return False
-    if name in ("depthwise_kernel", "pointwise_kernel"):
+    if name in ("depthwise_kernel", "pointwise_kernel") or name in LORA_NAMES:
         return False
     if name != "kernel" or ndim > 5:
         return True
@@ -313,8 +333,8 @@ def resolve_channel_axes(variables, channel_axes=None, warn=True, owner=None):
         owner: Who asks (e.g. an optimizer's class name), for the warnings.
 
     Returns:
-        A list with, per variable, a :class:`ChannelLayout` or None (rank <= 1
-        or a bias: never projected).
+        A list with, per variable, a :class:`ChannelLayout` or None (rank <= 1,
+        a bias or zero-size: never projected).
 
     Warns:
         UserWarning: once, naming the variables whose grouping the static
@@ -349,12 +369,16 @@ def resolve_channel_axes(variables, channel_axes=None, warn=True, owner=None):
                 break
         if axes is None:
             axes = default_channel_axes(shape, path.split("/")[-1])
-            if static_rule_is_a_guess(shape, path):
+            # (A zero-size variable is never projected: nothing to guess.)
+            if math.prod(shape) and static_rule_is_a_guess(shape, path):
                 guessed.append(f"'{path}' {shape} -> axes {axes}")
         try:
-            layouts.append(ChannelLayout.create(shape, axes))
+            layout = ChannelLayout.create(shape, axes)
         except ValueError as error:
             raise ValueError(f"Variable '{path}': {error}") from None
+        # A zero-size variable has nothing to project (and its groups no
+        # threshold: delta / sqrt(0)); its step is the base optimizer's no-op.
+        layouts.append(layout if layout.numel else None)
     who = f"{owner}: " if owner else ""
     unused = [p for p in channel_axes if p not in used]
     if unused and warn:
@@ -412,11 +436,22 @@ def channel_axes_for(model):
       built from it): the kernel axes whose letters appear in the equation's
       output, e.g. ``abc,cde->abde`` gives ``(1, 2)``, ``btd,ndh->btnh``
       gives ``(0, 2)``.
-    * ``Embedding`` ``embeddings``: axis 0.
+    * ``Embedding`` ``embeddings`` and keras-hub's ``PositionEmbedding``
+      ``embeddings`` ``(sequence_length, dim)``: axis 0.
+      ``ReversibleEmbedding`` ``reverse_embeddings`` ``(dim, vocab)``
+      (untied): last axis.
+    * LoRA (``enable_lora(rank)`` on ``Dense``, ``EinsumDense``,
+      ``Conv1D/2D/3D``, ``Embedding``): ``lora_kernel_a``
+      ``(*kernel_shape[:-1], rank)``, ``lora_kernel_b`` ``(rank, out)``,
+      ``lora_embeddings_a`` ``(vocab, rank)``, ``lora_embeddings_b``
+      ``(rank, dim)``: last axis (peft's ``lora_A`` ``(rank, in)`` and
+      ``lora_B`` ``(out, rank)``, grouped by axis 0).
     * Biases and variables of rank <= 1: left out (never projected).
 
-    Variables of other layers get :func:`default_channel_axes`, with one
-    warning naming them.
+    A variable of another layer whose leading axes all have size 1 (a class
+    token ``(1, 1, D)``) is one group, ``[]``, as the reference groups the
+    same parameter. Other variables of other layers get
+    :func:`default_channel_axes`, with one warning naming them.
 
     Returns:
         A dict ``{"^<escaped path>$": [axes]}``, one entry per trainable
@@ -439,6 +474,11 @@ def channel_axes_for(model):
             continue
         owner = owners.get(id(variable), model)
         axes = _layer_channel_axes(owner, name, len(shape))
+        if axes is None and all(d == 1 for d in shape[:-1]):
+            # (1, ..., 1, D), a class token: the reference groups the same
+            # parameter by its axis 0, one group. Any grouping of its last
+            # axis decides alike except where g * w is 0 everywhere.
+            axes = ()
         if axes is None:
             axes = default_channel_axes(shape, name)
             unknown.append(f"'{path}' {shape} of {type(owner).__name__}")
@@ -510,15 +550,31 @@ def _einsum_output_axes(equation, ndim):
     return tuple(i for i, letter in enumerate(kernel) if letter in output)
 
 
+# The layers whose `enable_lora` adds the variables of LORA_NAMES.
+_LORA_LAYERS = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Embedding,
+)
+
+
 def _layer_channel_axes(layer, name, ndim):
     """The output axes of `layer`'s variable `name` (of rank `ndim`), from the
     layer's type and config; None if no rule knows it."""
     last, two_last = (ndim - 1,), (ndim - 2, ndim - 1)
     layers = keras.layers
+    if name in LORA_NAMES and isinstance(layer, _LORA_LAYERS):
+        return last
     if isinstance(layer, layers.EinsumDense):
         if name == "kernel":
             return _einsum_output_axes(layer.equation, ndim)
         return None
+    # Untied output embedding (dim, vocab): logits = x @ it, one per token.
+    if isinstance(layer, layers.ReversibleEmbedding) and name == "reverse_embeddings":
+        return last
     rules = (
         (
             (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose),
@@ -539,6 +595,10 @@ def _layer_channel_axes(layer, name, ndim):
     for classes, by_name in rules:
         if isinstance(layer, classes):
             return by_name.get(name)
+    # keras-hub's learned PositionEmbedding (sequence_length, dim): added to
+    # the token embeddings, one row per position, as an Embedding's.
+    if name == "embeddings" and ndim == 2 and _has_class(layer, "PositionEmbedding"):
+        return (0,)
     # ConvLSTM1D/2D/3D's cell is not exported: (*k, in, 4 * filters).
     if type(layer).__name__ == "ConvLSTMCell" and name in (
         "kernel",
@@ -546,6 +606,12 @@ def _layer_channel_axes(layer, name, ndim):
     ):
         return last
     return None
+
+
+def _has_class(layer, name):
+    """Whether `layer` is an instance of a class called `name` (a layer of a
+    library this package does not import)."""
+    return any(cls.__name__ == name for cls in type(layer).__mro__)
 
 
 def channel_layout(optimizer, variable):

@@ -111,14 +111,33 @@ def _channel_sums(w, g, u, layout):
     if u is not None:
         pairs.append((w, u))
     if k == 1:
-        return ops.stack([layout.group_sum(a * b) for a, b in pairs])
+        return ops.stack([_replicated(layout.group_sum(a * b)) for a, b in pairs])
     sums = []
     for a, b in pairs:
         total = a[0] * b[0]
         for i in range(1, k):
             total = total + a[i] * b[i]
-        sums.append(ops.sum(total, axis=0))
+        sums.append(_replicated(ops.sum(total, axis=0)))
     return ops.stack(sums)
+
+
+def _replicated(x):
+    """`x`, a per-channel sum, constrained to be replicated on every device
+    of a JAX `keras.distribution` mesh (no op elsewhere).
+
+    Sharding propagation otherwise gives the stacked sums of a kernel a
+    sharding derived from the kernel's (and, in the batched decision, from
+    its neighbours'), which XLA's SPMD partitioner can only reach by
+    replicating the tensor and partitioning it again ("Involuntary full
+    rematerialization", printed for a Gemma layout map). A sum over a
+    sharded axis is all-reduced anyway; a replicated one costs at most an
+    all-gather of one value per channel, and the results are the same.
+    """
+    dist = keras.distribution.distribution()
+    if dist is None or keras.backend.backend() != "jax":
+        return x
+    layout = keras.distribution.TensorLayout((None,) * len(x.shape), dist.device_mesh)
+    return keras.distribution.distribute_tensor(x, layout)
 
 
 def _decide(layouts, sums, delta, eps):

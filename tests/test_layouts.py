@@ -75,6 +75,9 @@ def _expected_by_attribute(layer):
         }
     if isinstance(layer, L.Embedding):
         return {"embeddings": (0,)}
+    if type(layer).__name__ == "PositionEmbedding":
+        # keras-hub's learned PositionEmbedding: one row per position.
+        return {"position_embeddings": (0,)}
     if isinstance(layer, (L.LSTMCell, L.GRUCell, L.SimpleRNNCell)) or (
         type(layer).__name__ == "ConvLSTMCell"
     ):
@@ -106,6 +109,9 @@ def expected_axes(model):
             expected[id(v)] = None
         elif id(v) in by_id:
             expected[id(v)] = by_id[id(v)]
+        elif all(d == 1 for d in v.shape[:-1]):
+            # A class token (1, 1, D): the reference's one group.
+            expected[id(v)] = ()
         else:
             expected[id(v)] = layouts.default_channel_axes(tuple(v.shape), name)
             fallback.append(v.path)
@@ -296,6 +302,8 @@ def test_channel_axes_for_matches_layers_on_real_models(name):
             tuple(a) for k, a in result.items() if re.search(r"(query|key|value)", k)
         ]
         assert qkv == [(1, 2)] * 3
+    if name == "vit":
+        assert result["^vit_patching_and_embedding/class_token$"] == []
 
 
 # -- the override is accepted, stored and saved ----------------------------
