@@ -210,6 +210,11 @@ class ProjectedOptimizer(keras.optimizers.Optimizer):
         # per variable (graph size, compile time, kernel launches). Under
         # tf.distribute `update_step` runs in the cross-replica update of
         # each variable, which must assign there: each variable decides alone.
+        if keras.backend.backend() == "torch":
+            from keras_adamp import _torch
+
+            if _torch.update(self, grads, trainable_variables, learning_rate):
+                return
         if _tf_distributed():
             super()._backend_update_step(grads, trainable_variables, learning_rate)
             return

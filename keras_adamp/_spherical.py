@@ -244,6 +244,16 @@ class SphericalOptimizer(keras.optimizers.Optimizer):
                 )
         return firsts, seconds
 
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # On torch, the whole list in place (keras_adamp/_torch.py) unless it
+        # declines (a StatelessScope, a subclass's own update_step).
+        if keras.backend.backend() == "torch":
+            from keras_adamp import _torch
+
+            if _torch.update(self, grads, trainable_variables, learning_rate):
+                return
+        super()._backend_update_step(grads, trainable_variables, learning_rate)
+
     # The gradient must be dense for the group sums; AdamP's densification.
     _dense = ProjectedOptimizer._dense
 
