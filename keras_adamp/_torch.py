@@ -117,7 +117,8 @@ def _dense(gradient, value):
         gradient = gradient.to_dense()
     if gradient.dtype != value.dtype or gradient.device != value.device:
         gradient = gradient.to(device=value.device, dtype=value.dtype)
-    return gradient
+    # Viewed in the layout's shape (a transposed array's tensor is not).
+    return gradient.contiguous()
 
 
 def _scalar(x, device):

@@ -185,7 +185,13 @@ def _gradients(variables, rng):
     for v, (path, _, _, kind) in zip(variables, VARIABLES):
         w = np.asarray(v.numpy(), "float32")
         g = _gradient("channel" if kind == "sparse" else kind, w, path, rng)
-        grads.append(_sparse(g) if kind == "sparse" else g.astype(v.dtype))
+        if kind == "sparse":
+            g = _sparse(g)
+        elif path == "conv/kernel":
+            g = np.asfortranarray(g)  # a non-contiguous tensor's strides
+        else:
+            g = g.astype(v.dtype)
+        grads.append(g)
     return grads
 
 
