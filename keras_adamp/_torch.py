@@ -28,7 +28,6 @@ is another tensor than the variable's own parameter. Subclasses that override
 ``update_step`` also get the generic path.
 """
 
-import functools
 import math
 
 import keras
@@ -218,7 +217,20 @@ def _sums(layout, pairs):
 # -- the projection's decision (AdamP, SGDP) --------------------------------
 
 
-@functools.lru_cache(maxsize=16)
+def _cached(make, *key):
+    """`make(*key)`, kept for the next steps. (Not functools.lru_cache:
+    torch.compile traces through it with a warning.)"""
+    entry = _CACHE.get(key)
+    if entry is None:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        entry = _CACHE[key] = make(*key)
+    return entry
+
+
+_CACHE = {}
+
+
 def _decision_constants(layouts, delta, device):
     """Per channel column (of all variables' channels side by side) the
     index of its variable and its threshold ``delta / sqrt(group size)``,
@@ -300,44 +312,18 @@ def _split(x, sizes):
 # -- AdamP ------------------------------------------------------------------
 
 
-def _denominators(v, step, sqrt_bc2, eps):
-    """Adam's denominators ``sqrt(v) / sqrt_bc2 + eps``, divided by the step
-    size (so that ``m / denom`` is the step) except for 16-bit variables, where
-    ``1 / (sqrt_bc2 * step)`` could overflow: returns the list and the
-    positions of those."""
+def _denominators(v, sqrt_bc2, eps):
+    """Adam's denominators, ``sqrt(v) / sqrt_bc2 + eps`` (new tensors)."""
     denom = torch._foreach_sqrt(v)
-    low = {k for k, x in enumerate(v) if x.dtype in _LOW_PRECISION}
-    full = [denom[k] for k in range(len(v)) if k not in low]
-    if full:
-        torch._foreach_mul_(full, 1.0 / (sqrt_bc2 * step))
-        torch._foreach_add_(full, eps / step)
-    if low:
-        low_denom = [denom[k] for k in sorted(low)]
-        torch._foreach_div_(low_denom, sqrt_bc2)
-        torch._foreach_add_(low_denom, eps)
-    return denom, low
+    torch._foreach_div_(denom, sqrt_bc2)
+    torch._foreach_add_(denom, eps)
+    return denom
 
 
-def _adam_descend(w, numerators, denom, low, step):
-    """w <- w - step * numerator / denom, for `_denominators`' output."""
-    full = [k for k in range(len(w)) if k not in low]
-    if full:
-        torch._foreach_addcdiv_(
-            [w[k] for k in full],
-            [numerators[k] for k in full],
-            [denom[k] for k in full],
-            value=-1.0,
-        )
-    for k in sorted(low):
-        w[k].sub_(step * (numerators[k] / denom[k]))
-
-
-def _adam_steps(numerators, denom, low, step):
-    """step * numerator / denom (new tensors), for `_denominators`' output."""
-    out = list(torch._foreach_div(numerators, denom))
-    for k in sorted(low):
-        out[k] = step * out[k]
-    return out
+def _adam_descend(w, numerators, denom, step):
+    """w <- w - step * numerator / denom (the step size, a 0-dim tensor,
+    multiplies each quotient, so a rate of 0 leaves w as it is)."""
+    torch._foreach_addcdiv_(w, numerators, denom, (-step).repeat(len(w)))
 
 
 def _adamp(opt, grads, values, variables, indices, lr):
@@ -360,26 +346,26 @@ def _adamp(opt, grads, values, variables, indices, lr):
 
     def part(ks):
         """Adam's numerators and denominators of the variables `ks`."""
-        denom, low = _denominators([v[k] for k in ks], step, sqrt_bc2, eps)
+        denom = _denominators([v[k] for k in ks], sqrt_bc2, eps)
         if opt.nesterov:  # (b1 * m + (1 - b1) * g) / denom
             numerators = torch._foreach_lerp(
                 [m[k] for k in ks], [grads[k] for k in ks], 1.0 - b1
             )
         else:
             numerators = [m[k] for k in ks]
-        return numerators, denom, low
+        return numerators, denom
 
     if plain:  # AdamW
         decayed = [values[k] for k in plain if opt._decays(variables[k])]
         if decayed:
             torch._foreach_mul_(decayed, 1.0 - rate)
-        numerators, denom, low = part(plain)
-        _adam_descend([values[k] for k in plain], numerators, denom, low, step)
+        numerators, denom = part(plain)
+        _adam_descend([values[k] for k in plain], numerators, denom, step)
         del numerators, denom
     if not projected:
         return True
-    numerators, denom, low = part(projected)
-    updates = _adam_steps(numerators, denom, low, step)
+    numerators, denom = part(projected)
+    updates = torch._foreach_div(numerators, denom)
     del numerators, denom
     _finish_projected(
         opt,
@@ -389,14 +375,14 @@ def _adamp(opt, grads, values, variables, indices, lr):
         updates,
         [variables[k] for k in projected],
         rate,
+        step,
     )
     return True
 
 
-def _finish_projected(opt, layouts, w, g, u, variables, rate):
-    """``w <- w * (1 - rate * ratio) - (u - w * coef)`` for AdamP's update
-    `u` (the step size already in it), with the projection decided for all
-    variables at once."""
+def _finish_projected(opt, layouts, w, g, u, variables, rate, step):
+    """``w <- w * (1 - rate * ratio) - step * (u - w * coef)`` for AdamP's
+    update `u`, with the projection decided for all variables at once."""
     wv, gv, uv = _views(w, layouts), _views(g, layouts), _views(u, layouts)
     sums = [
         _sums(layout, [(a, b), (a, a), (b, b), (b, c)])
@@ -406,8 +392,8 @@ def _finish_projected(opt, layouts, w, g, u, variables, rate):
         layouts, sums, opt.delta, opt.wd_ratio, opt.epsilon
     )
     rates = _decay_rates(opt, variables, rate)
-    # Folded: w * (1 - rate * ratio + coef) - u.
-    scale = 1.0 + coef
+    # Folded: w * (1 - rate * ratio + step * coef) - step * u.
+    scale = 1.0 + step * coef
     if rates is not None:
         scale = scale - (rates * ratio)[owners]
     scales = _split(scale, sizes)
@@ -419,7 +405,9 @@ def _finish_projected(opt, layouts, w, g, u, variables, rate):
             [wv[k] for k in full],
             [_per_channel(scales[k], layouts[k]) for k in full],
         )
-        torch._foreach_sub_([w[k] for k in full], [u[k] for k in full])
+        torch._foreach_addcmul_(
+            [w[k] for k in full], [u[k] for k in full], [-step] * len(full)
+        )
     # 16-bit: 1 + coef would round away in 16 bits; the projected update is
     # formed in float32 and the variable rounded once, as the generic path.
     coefs = _split(coef, sizes)
@@ -428,7 +416,7 @@ def _finish_projected(opt, layouts, w, g, u, variables, rate):
         p = uv[k].float() - wv[k].float() * _per_channel(coefs[k], layout)
         if rates is not None:
             wv[k].mul_(1.0 - rates[k] * ratio[k])
-        wv[k].sub_(p)
+        wv[k].sub_(step * p)
 
 
 # -- SGDP -------------------------------------------------------------------
@@ -541,7 +529,6 @@ def _with_l2(opt, grads, values):
     return torch._foreach_add(grads, values, alpha=opt.l2)
 
 
-@functools.lru_cache(maxsize=16)
 def _sqrt_group_sizes(layouts, device):
     """sqrt(group size) per channel of all the layouts side by side."""
     return torch.tensor(
@@ -575,10 +562,8 @@ def _adams(opt, grads, values, variables, indices, lr):
         pg = [g[k] for k in plain]
         torch._foreach_mul_(pv, b2)
         torch._foreach_addcmul_(pv, pg, pg, value=1.0 - b2)
-        denom, low = _denominators(pv, step, sqrt_bc2, eps)
-        _adam_descend(
-            [values[k] for k in plain], [m[k] for k in plain], denom, low, step
-        )
+        denom = _denominators(pv, sqrt_bc2, eps)
+        _adam_descend([values[k] for k in plain], [m[k] for k in plain], denom, step)
         del denom
     if not designated:
         return True
@@ -602,7 +587,7 @@ def _adams(opt, grads, values, variables, indices, lr):
     v_new = b2 * torch.cat([x.float() for x in vs]) + (1.0 - b2) * gg
     denom = torch.sqrt(v_new) / sqrt_bc2 + eps
     # v sums the group's squares: sqrt(d) turns it back into a mean.
-    k_step = step * _sqrt_group_sizes(tuple(layouts), device) / denom
+    k_step = step * _cached(_sqrt_group_sizes, tuple(layouts), device) / denom
     steps = _split(k_step, sizes)
     if any(moving):
         # From the sums before the step, with w_new = w - k m:

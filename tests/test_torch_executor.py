@@ -270,3 +270,19 @@ def test_executor_steps_as_the_generic_path(name, monkeypatch):
         tol = 2e-2 if np.prod(a.shape) and a.dtype != np.float32 else 1e-5
         scale = max(np.max(np.abs(b), initial=0.0), 0.1)
         assert np.max(np.abs(a - b), initial=0.0) <= tol * scale, k
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_zero_learning_rate_leaves_every_weight_as_it_is(name, monkeypatch):
+    # A schedule that reaches 0: the step size multiplies each update, it is
+    # not folded into a denominator (0 * inf).
+    monkeypatch.setattr(_torch, "_BLOCK", 256)
+    variables = _variables()
+    before = [np.asarray(v.numpy(), "float32") for v in variables]
+    optimizer = _make(name, variables)
+    optimizer.learning_rate = 0.0
+    rng = np.random.default_rng(2)
+    for _ in range(2):
+        optimizer.apply(_gradients(variables, rng), variables)
+    for (path, *_), v, w in zip(VARIABLES, variables, before):
+        np.testing.assert_array_equal(np.asarray(v.numpy(), "float32"), w, path)
