@@ -323,6 +323,12 @@ def _denominators(v, sqrt_bc2, eps):
 def _adam_descend(w, numerators, denom, step):
     """w <- w - step * numerator / denom (the step size, a 0-dim tensor,
     multiplies each quotient, so a rate of 0 leaves w as it is)."""
+    if torch.compiler.is_compiling():
+        # torch.compile can't trace addcdiv with tensor scalars; it fuses
+        # these two into one loop anyway.
+        steps = torch._foreach_div(numerators, denom)
+        torch._foreach_addcmul_(w, steps, [-step] * len(w))
+        return
     torch._foreach_addcdiv_(w, numerators, denom, (-step).repeat(len(w)))
 
 
