@@ -139,7 +139,10 @@ def _sparse(g):
     indices = np.concatenate([rows, rows])
     values = np.concatenate([0.25 * g[rows], 0.75 * g[rows]])
     return torch.sparse_coo_tensor(
-        torch.tensor(indices[None, :]), torch.tensor(values), g.shape
+        torch.tensor(indices[None, :]),
+        torch.tensor(values),
+        g.shape,
+        check_invariants=True,
     )
 
 
@@ -203,6 +206,14 @@ def _run(name, enabled, monkeypatch):
     rng = np.random.default_rng(1)
     variables = _variables()
     optimizer = _make(name, variables)
+    taken = []
+    update = _torch.update
+
+    def recorded(*args):
+        taken.append(update(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(_torch, "update", recorded)
     for _ in range(STEPS):
         grads = _gradients(variables, rng)
         if enabled:
@@ -212,6 +223,8 @@ def _run(name, enabled, monkeypatch):
             # issue 18 (their layouts); they have nothing to update.
             pairs = [(g, v) for g, v in zip(grads, variables) if np.prod(v.shape)]
             optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+    # The executor took every step (it declines only where it must).
+    assert taken == [enabled] * STEPS
     return [np.asarray(v.numpy(), "float32") for v in variables], [
         np.asarray(s.numpy()) for s in optimizer.variables
     ]
@@ -286,3 +299,22 @@ def test_a_zero_learning_rate_leaves_every_weight_as_it_is(name, monkeypatch):
         optimizer.apply(_gradients(variables, rng), variables)
     for (path, *_), v, w in zip(VARIABLES, variables, before):
         np.testing.assert_array_equal(np.asarray(v.numpy(), "float32"), w, path)
+
+
+def test_stateless_apply_takes_the_generic_path(monkeypatch):
+    # In a StatelessScope `variable.value` is the scope's tensor, not the
+    # variable: the executor declines and the variables stay as they are.
+    taken = []
+    update = _torch.update
+    monkeypatch.setattr(
+        _torch, "update", lambda *a: taken.append(update(*a)) or taken[-1]
+    )
+    v = keras.Variable(np.ones((4, 3), "float32"), name="kernel")
+    optimizer = keras_adamp.AdamP(0.1)
+    optimizer.build([v])
+    state = [x.value.detach().clone() for x in optimizer.variables]
+    grad = np.full((4, 3), 0.5, "float32")
+    (new,), _ = optimizer.stateless_apply(state, [grad], [v.value.detach().clone()])
+    assert taken == [False]
+    np.testing.assert_array_equal(v.numpy(), np.ones((4, 3)))
+    assert np.all(np.asarray(keras.ops.convert_to_numpy(new)) < 1.0)
