@@ -185,8 +185,14 @@ class StepOptimizer(keras.optimizers.Optimizer):
         self._run_step([gradient], [variable], learning_rate)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # The one entry of a step for every backend (a backend's own
-        # executor, e.g. a torch-native one, dispatches at its top).
+        # The one entry of a step for every backend. On torch the whole
+        # variable list is updated in place by keras_adamp/_torch.py, unless
+        # it declines (a StatelessScope, a subclass's own update_step).
+        if keras.backend.backend() == "torch":
+            from keras_adamp import _torch
+
+            if _torch.update(self, grads, trainable_variables, learning_rate):
+                return
         if _tf_distributed():
             self._tf_distributed_step(grads, trainable_variables, learning_rate)
             return
