@@ -13,6 +13,16 @@ from keras_adamp import projection
 pytestmark = pytest.mark.filterwarnings("ignore:.*guessed from their shape")
 
 
+@pytest.fixture(autouse=True)
+def keras_ops_path(monkeypatch):
+    """These tests are of the keras.ops step; on torch the torch-native
+    executor (tested in test_torch_executor.py) would take it over."""
+    if keras.backend.backend() == "torch":
+        from keras_adamp import _torch
+
+        monkeypatch.setattr(_torch, "ENABLED", False)
+
+
 def variables():
     rng = np.random.default_rng(0)
     shapes = [(3, 3, 2, 4), (4,), (6, 5), (5,), (5, 3)]
