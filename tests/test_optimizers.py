@@ -1,7 +1,10 @@
 """Keras-style tests of AdamP and SGDP: config, single step, weight decay,
 clipping, EMA, learning-rate schedules (against the oracle)."""
 
+import importlib.metadata
 import inspect
+import os
+import re
 
 import keras
 import numpy as np
@@ -105,7 +108,17 @@ def test_defaults_are_the_reference_defaults():
 
 
 def test_version_matches_the_package_metadata():
-    assert keras_adamp.__version__ == "0.1.0"
+    # The latest release in the changelog is the package's version ...
+    changelog = os.path.join(os.path.dirname(__file__), os.pardir, "CHANGELOG.md")
+    with open(changelog, encoding="utf-8") as handle:
+        released = re.findall(r"^## \[(\d+\.\d+\.\d+)\]", handle.read(), re.MULTILINE)
+    assert keras_adamp.__version__ == released[0]
+    # ... and, where this tree is installed, the installed metadata's.
+    try:
+        installed = importlib.metadata.version("keras-adamp")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    assert installed == keras_adamp.__version__
 
 
 # --- single steps, checked against the formulas ---------------------------------
