@@ -1,9 +1,8 @@
 """Zero-size variables, (0, 3), (3, 0) and (0,), step as a no-op with every
 optimizer of the package, as Keras's AdamW and SGD step them: no error, their
 slots kept (of their shape), and the variables beside them train exactly as
-they would without them. Compiled (XLA on TensorFlow and JAX) and not; on
-torch, compiling means torch.compile, whose inductor build of this step takes
-minutes on a CPU (checked by hand: it passes), so that case is skipped."""
+they would without them. Compiled (XLA on TensorFlow and JAX, torch.compile
+on torch) and not."""
 
 import warnings
 
@@ -80,8 +79,6 @@ def train(make_optimizer, empty, jit_compile):
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_zero_size_variables_step_as_a_no_op(name, jit_compile):
-    if jit_compile and keras.backend.backend() == "torch":
-        pytest.skip("torch.compile of a train step takes minutes on CPU")
     model, optimizer, _ = train(OPTIMIZERS[name], EMPTY_SHAPES, jit_compile)
     twin, _, initial = train(OPTIMIZERS[name], (), jit_compile)
     assert int(optimizer.iterations) == 4
