@@ -5,7 +5,7 @@
     python examples/train_resnet.py --model resnet50 --dataset tfds:imagenette/160px
 
 The default run trains a CIFAR-style ResNet-20 on scikit-learn's bundled digits
-(8x8 images upsampled to 16x16), offline, in a few minutes on a laptop CPU, and
+(8x8 images upsampled to 16x16), offline (78 s on 2 shared CPU cores at load 0.8-2.0), and
 prints the test accuracy and the mean norm of the scale-invariant kernels (the
 ones the optimizer's own test flags on one batch).
 
