@@ -3,7 +3,7 @@
 process:
 
     python benchmarks/bench_report.py --backend tensorflow
-    python benchmarks/bench_report.py --backend jax
+    python benchmarks/bench_report.py --backend jax --json report_jax.json
 """
 
 import argparse
@@ -26,6 +26,7 @@ def main():
         default=2,
         help="reports timed (the first one is the figure)",
     )
+    parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     _common.select_backend(args.backend)
 
@@ -43,15 +44,21 @@ def main():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, args.size, args.size, 3)).astype("float32")
     y = rng.integers(0, 10, args.batch)
+    result = {"machine": _common.machine(), "size": args.size, "batch": args.batch}
+    result["report_s"] = []
     for i in range(args.repeats):
         t0 = time.perf_counter()
         rows = diagnostics.scale_invariance_report(model, x, y)
+        result["report_s"].append(time.perf_counter() - t0)
         print(
-            f"{args.backend} report {i + 1}: {time.perf_counter() - t0:.2f} s "
+            f"{args.backend} report {i + 1}: {result['report_s'][-1]:.2f} s "
             f"({len(rows)} variables, load {os.getloadavg()[0]:.1f})",
             flush=True,
         )
     print(diagnostics.format_report(rows).splitlines()[-1])
+    result["variables"] = len(rows)
+    result["machine"]["loadavg_end"] = _common.loadavg()
+    _common.write_json(args.json, result)
 
 
 if __name__ == "__main__":
