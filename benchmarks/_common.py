@@ -1,11 +1,13 @@
-"""What both benchmarks share: backend set-up before Keras is imported, the
-interleaved timing rounds, the machine description and the JSON output."""
+"""What the benchmarks share: backend set-up before Keras is imported, the
+interleaved timing rounds and their ratios, the machine description, the
+JSON output and the child processes (no Keras imported here)."""
 
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -140,6 +142,27 @@ def package_commit(package_dir):
     }
 
 
+def format_load(value):
+    """A load average triple as "1.0/1.2/1.3" ("?" if unknown)."""
+    return "/".join(f"{x:.1f}" for x in value) if value else "?"
+
+
+def import_other(path):
+    """The keras_adamp package of checkout `path`, imported under its own
+    module objects and then dropped from sys.modules, so that the plain
+    `import keras_adamp` that follows gets this one."""
+    import importlib
+
+    sys.path.insert(0, path)
+    try:
+        module = importlib.import_module("keras_adamp")
+    finally:
+        sys.path.remove(path)
+    for name in [n for n in sys.modules if n.split(".")[0] == "keras_adamp"]:
+        del sys.modules[name]
+    return module
+
+
 def loadavg():
     try:
         return os.getloadavg()
@@ -152,3 +175,64 @@ def write_json(path, result):
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {path}")
+
+
+def without(argv, options):
+    """`argv` less the given options and their values."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not a.startswith(tuple(o + "=" for o in options)):
+            out.append(a)
+    return out
+
+
+def run_json(script, args, timeout):
+    """Runs `script` with `args` and `--json FILE` in a child process (its
+    output shown as it comes); the JSON it wrote, or {"error": ...}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, os.path.abspath(script), *args, "--json", out]
+        print(f"\n#### {' '.join(cmd)}", flush=True)
+        try:
+            rc = subprocess.run(cmd, check=False, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"timeout after {timeout} s"
+        if os.path.exists(out):
+            with open(out) as f:
+                return json.load(f)
+        return {"error": f"exit {rc}"}
+
+
+def emit(tag, record):
+    """One tagged JSON line on stdout, what `run_tagged` reads back."""
+    print(f"{tag} {json.dumps(record)}", flush=True)
+
+
+def run_tagged(cmd, timeout, env=None, echo=False):
+    """Runs `cmd`, a child that reports through `emit`; returns `(lines,
+    error)`: {tag: [record, ...]} of what it emitted before it ended or was
+    killed, and None or why it failed. `echo`: print its other lines."""
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
+        stdout, error = proc.stdout, None
+        if proc.returncode:
+            error = f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"
+    except subprocess.TimeoutExpired as expired:
+        stdout = expired.stdout or ""
+        if isinstance(stdout, bytes):
+            stdout = stdout.decode(errors="replace")
+        error = f"killed after {timeout} s"
+    lines = {}
+    for line in stdout.splitlines():
+        tag, _, payload = line.partition(" ")
+        if tag.isupper() and payload.startswith("{"):
+            lines.setdefault(tag, []).append(json.loads(payload))
+        elif echo:
+            print(line)
+    return lines, error

@@ -43,8 +43,14 @@ import subprocess
 import sys
 import time
 
+from _common import emit
+from _common import format_load
 from _common import loadavg
+from _common import machine
+from _common import run_json
+from _common import run_tagged
 from _common import select_backend
+from _common import time_rounds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -122,12 +128,6 @@ def child(args):
     start = time.perf_counter()
     deadline = start + args.budget
     import keras
-    import numpy as np
-
-    sys.path.insert(0, HERE)
-    import bench_train
-    from _common import machine
-    from _common import time_rounds
 
     out = {
         "backend": args.backend,
@@ -135,10 +135,10 @@ def child(args):
         "machine": machine(),
         "train": [],
     }
-    print("HEAD " + json.dumps(out), flush=True)
+    emit("HEAD", out)
     if out["device"] is None and not args.smoke:
         out["skipped"] = f"{args.backend} sees no GPU"
-        print("RESULT " + json.dumps(out), flush=True)
+        emit("RESULT", out)
         return
     rounds, steps, warmup = (1, 1, 0) if args.smoke else (args.rounds, args.steps, 2)
     mixed = args.mixed or MIXED[args.backend]
@@ -153,52 +153,33 @@ def child(args):
         if reason:
             row["skipped"] = reason
             out["train"].append(row)
-            print("ROW " + json.dumps(row), flush=True)
+            emit("ROW", row)
             print(f"  skip batch {batch} {policy} jit={jit}: {reason}", flush=True)
             continue
         print(f"\n== train batch {batch}, {policy}, jit_compile={jit}", flush=True)
         try:
             row.update(
-                train_config(
-                    keras,
-                    np,
-                    bench_train,
-                    time_rounds,
-                    args,
-                    batch,
-                    policy,
-                    jit,
-                    names,
-                    rounds,
-                    steps,
-                    warmup,
-                )
+                train_config(args, batch, policy, jit, names, rounds, steps, warmup)
             )
         except Exception as error:  # noqa: BLE001 (one configuration, not the run)
             row["error"] = f"{type(error).__name__}: {str(error)[:500]}"
             print(f"  failed: {row['error']}", flush=True)
         out["train"].append(row)
-        print("ROW " + json.dumps(row), flush=True)  # kept if killed later
+        emit("ROW", row)  # kept if killed later
         keras.backend.clear_session()
     out["elapsed_s"] = time.perf_counter() - start
     out["loadavg_end"] = loadavg()
-    print("RESULT " + json.dumps(out), flush=True)
+    emit("RESULT", out)
 
 
-def train_config(
-    keras,
-    np,
-    bench_train,
-    time_rounds,
-    args,
-    batch,
-    policy,
-    jit,
-    names,
-    rounds,
-    steps,
-    warmup,
-):
+def train_config(args, batch, policy, jit, names, rounds, steps, warmup):
+    """One training-step configuration: each optimizer trains its own copy
+    of the model from the same weights, in interleaved rounds."""
+    import _optimizers
+    import bench_train
+    import keras
+    import numpy as np
+
     keras.config.set_dtype_policy(policy)
     try:
         keras.utils.set_random_seed(0)
@@ -221,7 +202,7 @@ def train_config(
             model, _, _ = bench_train.build_model(model_name)
             model.set_weights(initial)
             model.compile(
-                optimizer=bench_train.OPTIMIZERS[name](),
+                optimizer=_optimizers.factory(name, designated=None)(),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 jit_compile=jit,
             )
@@ -274,74 +255,29 @@ def run_backend(args, backend):
     if device is None and not args.smoke:
         result["step"] = {"skipped": f"{backend} sees no GPU"}
         return result
-    step_json = os.path.join(args.out, f"step_{backend}.json")
     modes = {"tensorflow": "xla", "jax": "xla", "torch": "eager,official"}[backend]
-    cmd = [
-        sys.executable,
-        os.path.join(HERE, "bench_step.py"),
-        "--backend",
-        backend,
-        "--optimizers",
-        "AdamP,SGDP,AdamSRT,SGDMRT",
-        "--modes",
-        modes,
-        "--json",
-        step_json,
-    ]
+    step_args = ["--backend", backend, "--optimizers", "AdamP,SGDP,AdamSRT,SGDMRT"]
+    step_args += ["--modes", modes]
     if args.smoke:
-        cmd += [
-            "--model",
-            "resnet18ish",
-            "--rounds",
-            "1",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-        ]
+        step_args += ["--model", "resnet18ish", "--rounds", "1", "--steps", "1"]
+        step_args += ["--warmup", "0"]
     else:
-        cmd += ["--rounds", "3", "--steps", "5", "--warmup", "2"]
+        step_args += ["--rounds", "3", "--steps", "5", "--warmup", "2"]
     print(f"\n#### {backend}: optimizer step", flush=True)
-    try:
-        proc = subprocess.run(cmd, timeout=args.step_budget, check=False)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        rc = f"timeout after {args.step_budget} s"
-    if os.path.exists(step_json):
-        with open(step_json) as f:
-            result["step"] = json.load(f)
-    else:
-        result["step"] = {"error": f"exit {rc}"}
+    result["step"] = run_json(
+        os.path.join(HERE, "bench_step.py"), step_args, args.step_budget
+    )
+    with open(os.path.join(args.out, f"step_{backend}.json"), "w") as f:
+        json.dump(result["step"], f, indent=1)
     return result
 
 
 def _run(cmd, timeout):
-    """Runs a child; its result, or what its HEAD and ROW lines gave before
-    it was killed."""
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, check=False
-        )
-        stdout, error = proc.stdout, None
-        if proc.returncode:
-            error = f"exit {proc.returncode}: {proc.stderr[-1500:]}"
-    except subprocess.TimeoutExpired as expired:
-        stdout = expired.stdout or ""
-        if isinstance(stdout, bytes):
-            stdout = stdout.decode(errors="replace")
-        error = f"killed after {timeout} s"
-    result, rows = None, []
-    for line in stdout.splitlines():
-        tag, _, payload = line.partition(" ")
-        if tag == "RESULT":
-            result = json.loads(payload)
-        elif tag == "HEAD":
-            result = result or json.loads(payload)
-        elif tag == "ROW":
-            rows.append(json.loads(payload))
-        else:
-            print(line)
-    result = result or {}
+    """Runs a training-step child; its result, or what its HEAD and ROW
+    lines gave before it was killed."""
+    lines, error = run_tagged(cmd, timeout, echo=True)
+    result = (lines.get("RESULT") or lines.get("HEAD") or [{}])[-1]
+    rows = lines.get("ROW", [])
     if rows and len(rows) > len(result.get("train", [])):
         result["train"] = rows
     if error:
@@ -371,8 +307,8 @@ def summary(result):
     lines = [
         (
             f"GPU set: {result.get('nvidia_smi') or 'no nvidia-smi'}; "
-            f"load {_load(result.get('loadavg_start'))} -> "
-            f"{_load(result.get('loadavg_end'))}"
+            f"load {format_load(result.get('loadavg_start'))} -> "
+            f"{format_load(result.get('loadavg_end'))}"
         )
     ]
     for backend, r in result["backends"].items():
@@ -417,10 +353,6 @@ def summary(result):
         if "skipped" in step or "error" in step:
             lines.append(f"  step: {step.get('skipped') or step.get('error')}")
     return "\n".join(lines)
-
-
-def _load(value):
-    return "/".join(f"{x:.1f}" for x in value) if value else "?"
 
 
 def parse_args(argv=None):

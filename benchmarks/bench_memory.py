@@ -49,7 +49,9 @@ Linux only (reads /proc).
     python benchmarks/bench_memory.py --kernels 2 --size 256   # smoke
     python benchmarks/bench_memory.py --summary mem.json       # its table again
 
-Run from the repository root (or with keras_adamp importable).
+`--optimizers` takes the names of `bench_step.py` (`_optimizers.py`),
+`Projected` among them. Run from the repository root (or with keras_adamp
+importable).
 """
 
 import argparse
@@ -57,11 +59,14 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
+import _optimizers as opt
+from _common import emit
 from _common import loadavg
+from _common import machine
+from _common import run_tagged
 from _common import select_backend
 from _common import write_json
 
@@ -70,28 +75,22 @@ MODES = {
     "jax": ("xla",),
     "torch": ("eager", "eager-nograd", "official"),
 }
-#: Same names and pairs as bench_step.py.
-BASES = {
-    "AdamP": "AdamW",
-    "SGDP": "SGD",
-    "SGDP-plain": "SGD-plain",
-    "AdamS": "Adam",
-    "AdamSRT": "Adam",
-    "SGDMRT": "SGD-plain",
-}
-OFFICIAL = ("AdamP", "AdamW", "SGDP", "SGD", "SGDP-plain", "SGD-plain")
 
 
-def _status_kb(field):
+def _status_bytes(field):
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
-                return int(line.split()[1])
+                return 1024 * int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def rss_bytes():
-    return 1024 * _status_kb("VmRSS")
+    return _status_bytes("VmRSS")
+
+
+def peak_bytes():
+    return _status_bytes("VmHWM")
 
 
 def reset_peak():
@@ -100,26 +99,17 @@ def reset_peak():
         f.write("5")
 
 
-def peak_bytes():
-    return 1024 * _status_kb("VmHWM")
-
-
 def child(args):
-    """Measures one configuration; prints one JSON line."""
+    """Measures one configuration in this process; emits one RESULT line."""
     select_backend(args.backend)
-    import numpy as np
+    import _variables
+    from _steps import backend_tensors
+    from _steps import keras_step
+    from _steps import official_step
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_step
-    import keras
-
-    rng = np.random.default_rng(0)
-    shape = (args.size, args.size)
+    specs = _variables.kernel_specs(args.kernels, args.size)
+    weights, grads = _variables.make_data(specs)
     param_bytes = 4 * args.kernels * args.size * args.size
-    weights = [
-        rng.normal(0, 0.05, shape).astype("float32") for _ in range(args.kernels)
-    ]
-    grads = [rng.normal(0, 1e-3, shape).astype("float32") for _ in range(args.kernels)]
     record = {
         "backend": args.backend,
         "mode": args.mode,
@@ -128,158 +118,52 @@ def child(args):
     }
     marks = {"start": rss_bytes()}
     if args.mode == "official":
-        if args.optimizer not in bench_step.OFFICIAL:
+        if args.optimizer not in opt.OFFICIAL:
             raise SystemExit(f"no official counterpart of {args.optimizer}")
-        step_fn = _official_step(bench_step, args.optimizer, weights, grads, marks)
-        record["optimizer"] = bench_step.OFFICIAL[args.optimizer]
-    else:
-        variables = [
-            keras.Variable(w, name=f"kernel_{i}") for i, w in enumerate(weights)
-        ]
+        record["optimizer"] = opt.OFFICIAL[args.optimizer]
+        params = _variables.torch_parameters(weights, grads)
         marks["variables"] = rss_bytes()
-        optimizer = bench_step.factory(args.optimizer, lambda: list(variables))()
+        optimizer = opt.official(record["optimizer"], params)
+        marks["built"] = rss_bytes()
+        step = official_step(optimizer)
+    else:
+        variables, designated = _variables.keras_variables(specs, weights)
+        marks["variables"] = rss_bytes()
+        optimizer = opt.factory(args.optimizer, designated)()
         optimizer.build(variables)
         marks["built"] = rss_bytes()
-        step_fn = _keras_step(args.backend, args.mode, optimizer, variables, grads)
+        # Traced (TF) or compiled (JAX) ahead; XLA on TF compiles in step 1.
+        grads = backend_tensors(grads)
+        step, _ = keras_step(optimizer, variables, grads, args.mode, ahead=True)
     del weights, grads
     gc.collect()
-    base = rss_bytes()
-    marks["prepared"] = base
+    base = marks["prepared"] = rss_bytes()
     reset_peak()
     t0 = time.perf_counter()
-    step_fn()  # the first step (and, on TF with XLA, its compilation)
+    step()  # the first step (and, on TF with XLA, its compilation)
     record["first_step_s"] = time.perf_counter() - t0
     first_peak = peak_bytes()
-    after_first = rss_bytes()
-    marks["after_first_step"] = after_first
+    after_first = marks["after_first_step"] = rss_bytes()
     reset_peak()
     t0 = time.perf_counter()
     for _ in range(args.steps - 1):
-        step_fn()
+        step()
     record["later_steps_s"] = time.perf_counter() - t0
     later_peak = peak_bytes()
     peak = max(first_peak, later_peak)
-    record["extra"] = (peak - base) / param_bytes
-    record["first_step_extra"] = (first_peak - base) / param_bytes
-    record["later_steps_extra"] = (later_peak - after_first) / param_bytes
-    record["base_bytes"] = base
-    record["peak_bytes"] = peak
-    record["rss"] = {k: (v - marks["start"]) / param_bytes for k, v in marks.items()}
+    record.update(
+        extra=(peak - base) / param_bytes,
+        first_step_extra=(first_peak - base) / param_bytes,
+        later_steps_extra=(later_peak - after_first) / param_bytes,
+        base_bytes=base,
+        peak_bytes=peak,
+        rss={k: (v - marks["start"]) / param_bytes for k, v in marks.items()},
+    )
     if args.backend == "torch":
         import torch
 
         record["torch_threads"] = torch.get_num_threads()
-    print("RESULT " + json.dumps(record), flush=True)
-
-
-def _keras_step(backend, mode, optimizer, variables, grads):
-    import keras
-
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        tf_grads = [tf.constant(g) for g in grads]
-        fn = tf.function(bench_apply(optimizer, variables), jit_compile=(mode == "xla"))
-        # Traced ahead; XLA compiles it in the first call only.
-        fn.get_concrete_function(tf_grads)
-        return lambda: fn(tf_grads).numpy()
-    if backend == "jax":
-        import jax
-
-        jax_grads = [jax.numpy.array(g, copy=True) for g in grads]
-        # Copies that JAX owns: a buffer made from a NumPy array can alias
-        # NumPy's memory, and then XLA copies it instead of reusing it
-        # when donated (the first step would hold a copy of the state).
-        state = {
-            "train": [jax.numpy.array(v.value, copy=True) for v in variables],
-            "opt": [jax.numpy.array(v.value, copy=True) for v in optimizer.variables],
-        }
-        # Compiled ahead of time: the measured steps run it only.
-        fn = (
-            jax.jit(optimizer.stateless_apply, donate_argnums=(0, 2))
-            .lower(state["opt"], jax_grads, state["train"])
-            .compile()
-        )
-
-        def run():
-            train, opt = fn(state["opt"], jax_grads, state["train"])
-            state["train"], state["opt"] = train, opt
-            jax.block_until_ready(train)
-
-        return run
-    import contextlib
-
-    import torch
-
-    torch_grads = [keras.ops.convert_to_tensor(g) for g in grads]
-    context = torch.no_grad if mode == "eager-nograd" else contextlib.nullcontext
-
-    def run():
-        with context():
-            optimizer.apply(torch_grads, variables)
-
-    return run
-
-
-def bench_apply(optimizer, variables):
-    def apply(grads):
-        optimizer.apply(grads, variables)
-        return optimizer.iterations
-
-    return apply
-
-
-def _official_step(bench_step, name, weights, grads, marks):
-    """The official code's optimizer on torch parameters (PyTorch layout)."""
-    import torch
-
-    params = [torch.nn.Parameter(torch.from_numpy(w.T.copy())) for w in weights]
-    for p, g in zip(params, grads):
-        p.grad = torch.from_numpy(g.T.copy())
-    marks["variables"] = rss_bytes()
-    optimizer = _official_factory(bench_step, name)(params)
-    marks["built"] = rss_bytes()
-
-    def run():
-        with torch.no_grad():
-            optimizer.step()
-
-    return run
-
-
-def _official_factory(bench_step, name):
-    import adamp
-    import torch
-
-    s = bench_step
-    return {
-        "AdamP": lambda p: adamp.AdamP(
-            p, lr=s.LR_ADAM, weight_decay=s.WEIGHT_DECAY_ADAM
-        ),
-        "AdamW": lambda p: torch.optim.AdamW(
-            p, lr=s.LR_ADAM, weight_decay=s.WEIGHT_DECAY_ADAM, eps=1e-8
-        ),
-        "SGDP": lambda p: adamp.SGDP(
-            p,
-            lr=s.LR_SGD,
-            momentum=s.MOMENTUM,
-            nesterov=True,
-            weight_decay=s.WEIGHT_DECAY_SGD,
-        ),
-        "SGD": lambda p: torch.optim.SGD(
-            p,
-            lr=s.LR_SGD,
-            momentum=s.MOMENTUM,
-            nesterov=True,
-            weight_decay=s.WEIGHT_DECAY_SGD,
-        ),
-        "SGDP-plain": lambda p: adamp.SGDP(
-            p, lr=s.LR_SGD, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY_SGD
-        ),
-        "SGD-plain": lambda p: torch.optim.SGD(
-            p, lr=s.LR_SGD, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY_SGD
-        ),
-    }[name]
+    emit("RESULT", record)
 
 
 def parse_args(argv=None):
@@ -292,13 +176,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--modes",
         help="comma-separated, of xla, graph (TensorFlow), xla (JAX), eager, "
-        "official (torch); default: every mode of each backend",
+        "eager-nograd, official (torch); default: every mode of each backend",
     )
     parser.add_argument(
         "--optimizers",
-        default=",".join(BASES),
-        help="ours and/or Keras's names, as in bench_step.py (each of ours "
-        "brings its base); default: all",
+        default=",".join(opt.BASES),
+        help="names as in bench_step.py (each of ours brings its base); default: ours",
     )
     parser.add_argument("--kernels", type=int, default=16)
     parser.add_argument("--size", type=int, default=2048, help="kernel side")
@@ -325,40 +208,24 @@ def parse_args(argv=None):
 
 
 def configurations(args):
-    names = []
-    for n in (x.strip() for x in args.optimizers.split(",") if x.strip()):
-        for m in (n, BASES.get(n)):
-            if m and m not in names:
-                names.append(m)
+    select_backend("tensorflow" if "tensorflow" in args.backends else "torch")
+    names = opt.selected(opt.parse(args.optimizers))
     wanted = args.modes.split(",") if args.modes else None
     for backend in args.backends.split(","):
         for mode in MODES[backend]:
             if wanted and mode not in wanted:
                 continue
             for name in names:
-                if mode == "official" and name not in OFFICIAL:
+                if mode == "official" and name not in opt.OFFICIAL:
                     continue
                 yield backend, mode, name
 
 
 def run_one(args, backend, mode, name):
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child",
-        "--backend",
-        backend,
-        "--mode",
-        mode,
-        "--optimizer",
-        name,
-        "--kernels",
-        str(args.kernels),
-        "--size",
-        str(args.size),
-        "--steps",
-        str(args.steps),
-    ]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child"]
+    cmd += ["--backend", backend, "--mode", mode, "--optimizer", name]
+    cmd += ["--kernels", str(args.kernels), "--size", str(args.size)]
+    cmd += ["--steps", str(args.steps)]
     env = dict(os.environ)
     if not args.default_malloc:
         # A fixed threshold: every buffer over 1 MiB is its own mapping,
@@ -367,27 +234,14 @@ def run_one(args, backend, mode, name):
         # MiB once such a buffer is freed, and the heap then keeps and
         # reuses freed 16 MiB buffers: the figure would depend on history).
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
-    try:
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=args.timeout,
-            check=False,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {args.timeout} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}"}
+    lines, error = run_tagged(cmd, args.timeout, env)
+    if "RESULT" in lines:
+        return lines["RESULT"][-1]
+    return {"error": error or "no result"}
 
 
 def main(args):
-    from _common import machine
-
-    select_backend("tensorflow" if "tensorflow" in args.backends else "torch")
+    configs = list(configurations(args))
     result = {
         "machine": machine(),
         "kernels": args.kernels,
@@ -405,7 +259,6 @@ def main(args):
         "extra": {},
         "later_steps_extra": {},
     }
-    configs = list(configurations(args))
     print(
         f"{len(configs)} configurations x {args.repeat}, {args.kernels} kernels "
         f"of {args.size}x{args.size} ({result['parameter_mib']:.0f} MiB), "
@@ -416,25 +269,22 @@ def main(args):
         runs = []
         for _ in range(args.repeat):
             record = run_one(args, backend, mode, name)
-            record.update(backend=backend, mode=mode, config=name)
-            record["loadavg"] = loadavg()
+            record.update(backend=backend, mode=mode, config=name, loadavg=loadavg())
             result["runs"].append(record)
             runs.append(record)
-        extras = [r["extra"] for r in runs if "extra" in r]
+        done = [r for r in runs if "extra" in r]
         key = f"{backend} {mode} {name}"
-        if extras:
-            result["extra"][key] = statistics.median(extras)
-            later = statistics.median(
-                r["later_steps_extra"] for r in runs if "extra" in r
-            )
-            result["later_steps_extra"][key] = later
-            print(
-                f"  {key:<32} extra {result['extra'][key]:5.2f} "
-                f"(after the first step: {later:5.2f})",
-                flush=True,
-            )
-        else:
+        if not done:
             print(f"  {key:<32} {runs[-1].get('error')}")
+            continue
+        result["extra"][key] = statistics.median(r["extra"] for r in done)
+        later = statistics.median(r["later_steps_extra"] for r in done)
+        result["later_steps_extra"][key] = later
+        print(
+            f"  {key:<32} extra {result['extra'][key]:5.2f} "
+            f"(after the first step: {later:5.2f})",
+            flush=True,
+        )
     result["machine"]["loadavg_end"] = loadavg()
     print()
     print(summary(result))
@@ -446,29 +296,27 @@ def summary(result):
     """ours vs base, per backend and mode: extra peak in parameter units,
     the difference, and whether it meets issue 17's target (<= base + 0.10)."""
     extra = result["extra"]
+    later = result.get("later_steps_extra", {})
     title = (
         f"extra peak resident memory of {result['steps']} steps, "
         f"{result['kernels']} kernels of {result['size']}x{result['size']}, "
         "in units of the parameters' size"
     )
-    lines = [
-        title,
-        (
-            f"{'backend mode':<20} {'pair':<22} {'ours':>6} {'base':>6} {'diff':>6}"
-            f"   after step 1: {'ours':>6} {'base':>6}"
-        ),
-    ]
-    later = result.get("later_steps_extra", {})
-    keys = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in extra))
-    for where in keys:
-        for ours, base in BASES.items():
-            a, b = extra.get(f"{where} {ours}"), extra.get(f"{where} {base}")
-            if a is None or b is None:
-                continue
+    columns = (
+        f"{'backend mode':<20} {'pair':<22} {'ours':>6} {'base':>6} {'diff':>6}"
+        f"   after step 1: {'ours':>6} {'base':>6}"
+    )
+    lines = [title, columns]
+    places = list(dict.fromkeys(" ".join(k.split(" ", 2)[:2]) for k in extra))
+    for where in places:
+        names = [k.split(" ", 2)[2] for k in extra if k.startswith(where + " ")]
+        for ours, base in opt.pairs(names):
+            a, b = extra[f"{where} {ours}"], extra[f"{where} {base}"]
+            nan = float("nan")
             lines.append(
                 f"{where:<20} {ours + '/' + base:<22} {a:6.2f} {b:6.2f} {a - b:+6.2f}"
-                f"                 {later.get(f'{where} {ours}', float('nan')):6.2f} "
-                f"{later.get(f'{where} {base}', float('nan')):6.2f}"
+                f"                 {later.get(f'{where} {ours}', nan):6.2f} "
+                f"{later.get(f'{where} {base}', nan):6.2f}"
                 + ("" if a - b <= 0.10 else "  (over base + 0.10)")
             )
     return "\n".join(lines)

@@ -54,10 +54,9 @@ ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None:
     select_backend(ARGS.backend)
 
+import _optimizers
 import keras
 import numpy as np
-
-import keras_adamp
 
 
 def resnet20(num_classes=10):
@@ -98,18 +97,9 @@ def build_model(name):
     return model, (224, 224, 3), 1000
 
 
-OPTIMIZERS = {
-    "AdamP": lambda: keras_adamp.AdamP(learning_rate=1e-3, weight_decay=1e-2),
-    "AdamW": lambda: keras.optimizers.AdamW(
-        learning_rate=1e-3, weight_decay=1e-2, epsilon=1e-8
-    ),
-    "SGDP": lambda: keras_adamp.SGDP(
-        learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
-    ),
-    "SGD": lambda: keras.optimizers.SGD(
-        learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
-    ),
-}
+#: Ours and the Keras optimizers they are compared with, with the
+#: hyperparameters of bench_step.py (`_optimizers.py`).
+OPTIMIZERS = ("AdamP", "AdamW", "SGDP", "SGD")
 PAIRS = (("AdamP", "AdamW"), ("SGDP", "SGD"))
 
 
@@ -131,10 +121,10 @@ def main(args):
     )
     steppers = {}
     slots = {}
-    for name, factory in OPTIMIZERS.items():
+    for name in OPTIMIZERS:
         model, _, _ = build_model(args.model)
         model.set_weights(initial)
-        optimizer = factory()
+        optimizer = _optimizers.factory(name, designated=None)()
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
