@@ -2,7 +2,7 @@
 names, dense gradients, the per-variable static plan made in `build`, the
 values computed once per step, and the step itself.
 
-A step runs in two phases over the variables:
+A step runs in three phases over the variables:
 
 1. per variable, what the projection's decision needs of it, its channel
    sums (`_sums`), and nothing is assigned;
@@ -15,7 +15,9 @@ Nothing of the size of a variable is held from 1 to 3: what 3 needs again
 is cheap elementwise work (XLA fuses it into the assignment). Under
 tf.distribute, 1 and 2 run in replica context (after the gradients are
 all-reduced every replica holds the same gradients and weights) and 3 in
-each variable's cross-replica update.
+each variable's cross-replica update. On torch an optimizer's step may
+instead be run by keras_adamp/_torch.py, whose step the optimizer names
+(`StepOptimizer._torch_step`).
 """
 
 import dataclasses
@@ -27,6 +29,15 @@ from keras import ops
 
 from keras_adamp import layouts
 from keras_adamp import projection
+
+if keras.backend.backend() == "torch":
+    from keras_adamp import _torch
+else:  # the torch executor imports torch
+    _torch = None
+
+# What a subclass defines to make the step (besides the optimizer's own
+# helpers): one that redefines any of them gets the generic path on torch.
+_STEP_METHODS = ("update_step", "_step_values", "_sums", "_assign")
 
 
 def check_range(name, value, low, high=None, high_inclusive=False):
@@ -135,7 +146,15 @@ class StepOptimizer(keras.optimizers.Optimizer):
       computed from the optimizer's state as it was before the step, and its
       assignments (`coef`, `ratio` from `projection.coefficients`, None
       where `_sums` was None).
+
+    On torch, a class may name its step in keras_adamp/_torch.py
+    (`_torch_step`, a key of `_torch.STEPS`); its subclasses get that step
+    too unless they redefine one of the methods above or `update_step`.
     """
+
+    # The name of this class's step in `_torch.STEPS` (None: the generic
+    # path).
+    _torch_step = None
 
     def __init__(self, learning_rate, weight_decay=None, name=None, **kwargs):
         if name is None:
@@ -187,16 +206,46 @@ class StepOptimizer(keras.optimizers.Optimizer):
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         # The one entry of a step for every backend. On torch the whole
         # variable list is updated in place by keras_adamp/_torch.py, unless
-        # it declines (a StatelessScope, a subclass's own update_step).
-        if keras.backend.backend() == "torch":
-            from keras_adamp import _torch
-
-            if _torch.update(self, grads, trainable_variables, learning_rate):
-                return
+        # it declines (a StatelessScope, a subclass's own step).
+        if type(self).update_step is not StepOptimizer.update_step:
+            # A subclass's own `update_step`: Keras's loop calls it per
+            # variable (on TensorFlow, in each variable's cross-replica
+            # update).
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            return
+        if _torch is not None and _torch.update(
+            self, grads, trainable_variables, learning_rate
+        ):
+            return
         if _tf_distributed():
             self._tf_distributed_step(grads, trainable_variables, learning_rate)
             return
         self._run_step(grads, trainable_variables, learning_rate)
+
+    def _torch_step_name(self):
+        """The name of this optimizer's step in `_torch.STEPS`, or None where
+        the generic path must run: the class that names the step is not the
+        one whose step methods run (a subclass redefines one)."""
+        cls = type(self)
+        owner = next(c for c in cls.__mro__ if "_torch_step" in vars(c))
+        for name in _STEP_METHODS:
+            if getattr(cls, name) is not getattr(owner, name):
+                return None
+        return owner._torch_step
+
+    def _apply_weight_decay(self, variables):
+        # Keras's torch optimizers decay `variable.value` in place: inside a
+        # StatelessScope that would write into the tensors the caller mapped
+        # the variables to. There the decay is assigned, as on the other
+        # backends.
+        if _torch is None or not _torch.in_stateless_scope():
+            super()._apply_weight_decay(variables)
+            return
+        for variable in variables:
+            if self._decays(variable):
+                lr = ops.cast(self.learning_rate, variable.dtype)
+                wd = ops.cast(self.weight_decay, variable.dtype)
+                variable.assign(variable - variable * wd * lr)
 
     def _run_step(self, grads, variables, learning_rate):
         for entry in self._decide(grads, variables, learning_rate):

@@ -22,10 +22,13 @@ with the same math as their ``update_step`` (ALGORITHM.md):
   that ``w_new`` is never formed apart from the variable itself.
 
 `update` returns False, and the caller runs the generic path, where writing
-into ``variable.value`` would not update the variable: inside a
-``StatelessScope`` (``stateless_apply``) or an autocast scope ``variable.value``
-is another tensor than the variable's own parameter. Subclasses that override
-``update_step`` also get the generic path.
+in place would be wrong: inside a ``keras.StatelessScope`` (``stateless_apply``:
+no variable may change, and the tensors the caller mapped the variables to,
+often their own ``.value``, must stay as they are), and where
+``variable.value`` is another tensor than the variable's own parameter (an
+autocast scope). An optimizer names its step here by its ``_torch_step`` (a
+key of `STEPS`); a subclass that redefines the step (``update_step`` or one
+of its hooks) gets the generic path.
 """
 
 import math
@@ -56,7 +59,7 @@ def update(optimizer, grads, variables, learning_rate):
     if not ENABLED:
         return False
     step = _step_function(optimizer)
-    if step is None:
+    if step is None or in_stateless_scope():
         return False
     values = [v.value for v in variables]
     if not all(_is_storage(x) for x in values):
@@ -79,30 +82,31 @@ def update(optimizer, grads, variables, learning_rate):
 
 
 def _step_function(optimizer):
-    """The step for `optimizer`'s class, or None where its `update_step` is
-    not one of ours (a subclass's own must run)."""
-    from keras_adamp.adamp import AdamP
-    from keras_adamp.adams import AdamS
-    from keras_adamp.sgdmrt import SGDMRT
-    from keras_adamp.sgdp import SGDP
+    """The step `optimizer` names (`STEPS`), or None where it names none or
+    its class redefines the step (`StepOptimizer._torch_step_name`)."""
+    return STEPS.get(optimizer._torch_step_name())
 
-    cls = type(optimizer)
-    for base, step in (
-        (AdamP, _adamp),
-        (SGDP, _sgdp),
-        (AdamS, _adams),
-        (SGDMRT, _sgdmrt),
-    ):
-        if isinstance(optimizer, base):
-            return step if cls.update_step is base.update_step else None
-    return None
+
+def in_stateless_scope():
+    """Whether a ``keras.StatelessScope`` is active.
+
+    There, no variable may change: ``variable.value`` is the tensor the scope
+    maps the variable to, which may well be the variable's own parameter (a
+    caller of ``stateless_apply`` passing ``[v.value for v in ...]``), so no
+    test on the tensor can tell. Keras has no public query for the scope; a
+    scope entered records the one it nests in (``original_scope``).
+    """
+    probe = keras.StatelessScope(initialize_variables=False)
+    with probe:
+        pass
+    return probe.original_scope is not None
 
 
 def _is_storage(x):
-    """Whether `x` is a variable's own storage: Keras's torch variables hold a
-    `torch.nn.Parameter`; in a StatelessScope or an autocast scope
-    ``variable.value`` is some other tensor, which writing into would not
-    update the variable."""
+    """Whether `x`, a ``variable.value`` read outside a StatelessScope, is
+    the variable's own storage: Keras's torch variables hold a
+    `torch.nn.Parameter`; in an autocast scope ``variable.value`` is a cast
+    copy, which writing into would not update the variable."""
     return isinstance(x, torch.nn.Parameter) and x.is_contiguous()
 
 
@@ -545,9 +549,7 @@ def _sqrt_group_sizes(layouts, device):
 
 
 def _adams(opt, grads, values, variables, indices, lr):
-    from keras_adamp.adamsrt import AdamSRT
-
-    transport = isinstance(opt, AdamSRT)
+    transport = opt._rescale_and_transport
     b1, b2, eps = opt.beta_1, opt.beta_2, opt.epsilon
     device = values[0].device
     t = _step_count(opt, device)
@@ -679,3 +681,12 @@ def _sgdmrt(opt, grads, values, variables, indices, lr):
         bv, wv, [_per_channel(s, x) for s, x in zip(shift, layouts)]
     )
     return True
+
+
+#: The steps, by the name an optimizer gives in its ``_torch_step``.
+STEPS = {
+    "adamp": _adamp,
+    "sgdp": _sgdp,
+    "adams": _adams,  # and AdamSRT (`_rescale_and_transport`)
+    "sgdmrt": _sgdmrt,
+}

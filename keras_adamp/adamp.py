@@ -69,6 +69,9 @@ class AdamP(ProjectedOptimizer):
         - [Official PyTorch code](https://github.com/clovaai/AdamP)
     """
 
+    # Its step in keras_adamp/_torch.py (`_torch.STEPS`).
+    _torch_step = "adamp"
+
     def __init__(
         self,
         learning_rate=0.001,

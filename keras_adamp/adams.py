@@ -77,6 +77,8 @@ class AdamS(SphericalOptimizer):
 
     # AdamSRT: rescale and transport the moments to the new point.
     _rescale_and_transport = False
+    # Its step in keras_adamp/_torch.py (`_torch.STEPS`), AdamSRT's too.
+    _torch_step = "adams"
 
     def __init__(
         self,

@@ -54,6 +54,8 @@ class SGDMRT(SphericalOptimizer):
     """
 
     _plain = "SGD"
+    # Its step in keras_adamp/_torch.py (`_torch.STEPS`).
+    _torch_step = "sgdmrt"
 
     def __init__(
         self,

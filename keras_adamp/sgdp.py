@@ -56,6 +56,9 @@ class SGDP(ProjectedOptimizer):
         - [Official PyTorch code](https://github.com/clovaai/AdamP)
     """
 
+    # Its step in keras_adamp/_torch.py (`_torch.STEPS`).
+    _torch_step = "sgdp"
+
     def __init__(
         self,
         learning_rate=0.01,

@@ -124,3 +124,65 @@ def test_variables_sharded_by_a_distribution_decide_alone(monkeypatch):
         keras.distribution.set_distribution(previous)
     # v0 and v4 (replicated) together, v2 (sharded) alone
     assert sorted(calls) == [1, 2]
+
+
+def test_each_optimizer_names_its_torch_step():
+    names = {
+        keras_adamp.AdamP(): "adamp",
+        keras_adamp.SGDP(): "sgdp",
+        keras_adamp.AdamS(spherical=[]): "adams",
+        keras_adamp.AdamSRT(spherical=[]): "adams",  # AdamS's, with transport
+        keras_adamp.SGDMRT(0.1, spherical=[]): "sgdmrt",
+    }
+    for optimizer, name in names.items():
+        assert optimizer._torch_step_name() == name, type(optimizer).__name__
+    if keras.backend.backend() == "torch":
+        from keras_adamp import _torch
+
+        assert set(names.values()) == set(_torch.STEPS)
+
+
+def test_a_subclass_keeps_the_torch_step_unless_it_redefines_the_step():
+    class Renamed(keras_adamp.AdamP):
+        def __init__(self, **kwargs):
+            super().__init__(learning_rate=0.5, **kwargs)
+
+    class OwnAssign(keras_adamp.SGDP):
+        def _assign(self, *args):
+            super()._assign(*args)
+
+    class OwnUpdateStep(keras_adamp.AdamSRT):
+        def update_step(self, gradient, variable, learning_rate):
+            super().update_step(gradient, variable, learning_rate)
+
+    assert Renamed()._torch_step_name() == "adamp"
+    assert OwnAssign()._torch_step_name() is None
+    assert OwnUpdateStep(spherical=[])._torch_step_name() is None
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_subclass_that_overrides_update_step_has_it_called(name):
+    # Keras's per-variable loop runs the subclass's update_step (on torch:
+    # the generic path, not the torch executor).
+    base = type(OPTIMIZERS[name]())
+    calls = []
+
+    class Overriding(base):
+        def update_step(self, gradient, variable, learning_rate):
+            calls.append(tuple(variable.shape))
+            super().update_step(gradient, variable, learning_rate)
+
+    vs, gs = variables()
+    built = OPTIMIZERS[name]()
+    built.build(vs)  # its config then names the designated variables
+    optimizer = Overriding.from_config(built.get_config())
+    ref_vs, _ = variables()
+    reference = OPTIMIZERS[name]()
+    for _ in range(2):
+        optimizer.apply(gs, vs)
+        reference.apply(gs, ref_vs)
+    assert calls == [tuple(v.shape) for v in vs] * 2
+    for a, b in zip(vs, ref_vs):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), rtol=1e-6
+        )

@@ -302,8 +302,9 @@ def test_a_zero_learning_rate_leaves_every_weight_as_it_is(name, monkeypatch):
 
 
 def test_stateless_apply_takes_the_generic_path(monkeypatch):
-    # In a StatelessScope `variable.value` is the scope's tensor, not the
-    # variable: the executor declines and the variables stay as they are.
+    # In a StatelessScope no variable may change, even where the tensors the
+    # scope maps the variables to are their own parameters (`.value`): the
+    # executor declines. tests/test_stateless.py checks the results.
     taken = []
     update = _torch.update
     monkeypatch.setattr(
@@ -312,9 +313,43 @@ def test_stateless_apply_takes_the_generic_path(monkeypatch):
     v = keras.Variable(np.ones((4, 3), "float32"), name="kernel")
     optimizer = keras_adamp.AdamP(0.1)
     optimizer.build([v])
-    state = [x.value.detach().clone() for x in optimizer.variables]
+    state = [x.value for x in optimizer.variables]
     grad = np.full((4, 3), 0.5, "float32")
-    (new,), _ = optimizer.stateless_apply(state, [grad], [v.value.detach().clone()])
+    (new,), _ = optimizer.stateless_apply(state, [grad], [v.value])
     assert taken == [False]
     np.testing.assert_array_equal(v.numpy(), np.ones((4, 3)))
     assert np.all(np.asarray(keras.ops.convert_to_numpy(new)) < 1.0)
+    # Outside the scope it takes the step.
+    optimizer.apply([grad], [v])
+    assert taken == [False, True]
+
+
+def test_a_subclass_takes_the_executor_unless_it_overrides_the_step(monkeypatch):
+    taken, called = [], []
+    update = _torch.update
+    monkeypatch.setattr(
+        _torch, "update", lambda *a: taken.append(update(*a)) or taken[-1]
+    )
+
+    class Renamed(keras_adamp.SGDP):
+        def __init__(self):
+            super().__init__(0.1, momentum=0.9, weight_decay=0.1)
+
+    class Overriding(Renamed):
+        def update_step(self, gradient, variable, learning_rate):
+            called.append(variable.path)
+            super().update_step(gradient, variable, learning_rate)
+
+    variables = _variables()
+    grads = _gradients(variables, np.random.default_rng(1))
+    results = []
+    for cls in (Renamed, Overriding):
+        vs = _variables()
+        cls().apply(grads, vs)
+        results.append([np.asarray(v.numpy(), "float32") for v in vs])
+    # Renamed: the executor; Overriding: its update_step, per variable.
+    assert taken == [True]
+    assert called == [v.path for v in variables]
+    for (path, _, dtype, _), a, b in zip(VARIABLES, *results):
+        tol = 1e-5 if dtype == "float32" else 2e-2
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=path)
