@@ -7,12 +7,16 @@ errors that say what to do instead; mixed precision, sparse gradients,
 MirroredStrategy, stateless_apply; saving; diagnostics; the short names."""
 
 import os
+import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
+import keras_adamp
 from keras_adamp import SGDP
 from keras_adamp import AdamP
 from keras_adamp import Projected
@@ -174,3 +178,196 @@ def test_projected_keras_optimizer_follows_its_keras_adamp_counterpart(pair, mod
         else:
             # Never projected, or not this time: exactly the inner's step.
             np.testing.assert_array_equal(g, u, err_msg=path)
+
+
+# -- what cannot be wrapped ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (
+            lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),
+            "outside",
+        ),
+        (
+            lambda: keras.optimizers.MultiOptimizer(
+                keras.optimizers.OptimizerMap(keras.optimizers.SGD())
+            ),
+            "each in its own Projected",
+        ),
+        (
+            lambda: keras.optimizers.OptimizerMap(keras.optimizers.SGD()),
+            "each in its own Projected",
+        ),
+        (lambda: AdamP(), "Projected(keras.optimizers.AdamW"),
+        (lambda: SGDP(learning_rate=0.1), "Projected(keras.optimizers.SGD"),
+        (lambda: keras_adamp.AdamS(), "Use keras_adamp.AdamS alone"),
+        (lambda: Projected(keras.optimizers.SGD()), "already wrapped"),
+        (lambda: "adamw", "keras.optimizers.get('lion')"),
+    ],
+)
+def test_what_cannot_be_wrapped_is_rejected_saying_what_to_do(make, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Projected(make())
+
+
+def test_an_optimizer_wrapped_once_cannot_be_wrapped_again():
+    inner = keras.optimizers.SGD()
+    Projected(inner)
+    with pytest.raises(ValueError, match="already wrapped"):
+        Projected(inner)
+
+
+def test_base_arguments_belong_to_the_inner_optimizer():
+    with pytest.raises(ValueError, match="on the inner optimizer"):
+        Projected(keras.optimizers.SGD(), clipnorm=1.0)
+    with pytest.raises(ValueError, match="wd_ratio"):
+        Projected(keras.optimizers.SGD(), wd_ratio=2.0)
+
+
+# -- the short names ---------------------------------------------------------
+
+SHORT_NAMES = {
+    "adamp": AdamP,
+    "sgdp": SGDP,
+    "adams": keras_adamp.AdamS,
+    "adamsrt": keras_adamp.AdamSRT,
+    "sgdmrt": keras_adamp.SGDMRT,
+}
+
+
+@pytest.mark.parametrize("name", list(SHORT_NAMES))
+def test_short_lowercase_names_resolve_through_keras(name):
+    optimizer = keras.optimizers.get(name)
+    assert type(optimizer) is SHORT_NAMES[name]
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=name, loss="mse")
+    assert type(model.optimizer) is SHORT_NAMES[name]
+    model.fit(np.ones((4, 3)), np.zeros((4, 2)), verbose=0)
+    assert int(model.optimizer.iterations) == 1
+
+
+def test_short_names_shadow_no_keras_name():
+    import keras.src.optimizers as keras_optimizers
+
+    for name in SHORT_NAMES:
+        assert name not in keras_optimizers.ALL_OBJECTS_DICT
+        for module in (keras.layers, keras.losses, keras.metrics, keras.activations):
+            assert name not in {n.lower() for n in dir(module)}, (name, module)
+    # Keras's own names still give Keras's optimizers.
+    assert type(keras.optimizers.get("adam")).__name__ == "Adam"
+    assert type(keras.optimizers.get("sgd")).__name__ == "SGD"
+
+
+# -- saving --------------------------------------------------------------------
+
+
+def wrapped_model():
+    from _data import conv_bn_model
+
+    model = conv_bn_model()
+    model.compile(
+        optimizer=Projected(
+            keras.optimizers.AdamW(learning_rate=0.01, weight_decay=0.01),
+            delta=0.2,
+            wd_ratio=0.5,
+            channel_axes={"conv2d/kernel": [3]},
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def test_config_round_trips_without_custom_objects():
+    optimizer = Projected(
+        keras.optimizers.Lion(learning_rate=1e-4, weight_decay=0.1),
+        delta=0.2,
+        wd_ratio=0.3,
+        eps=1e-6,
+        channel_axes={"dense": 1},
+    )
+    config = optimizer.get_config()
+    assert config["inner_optimizer"]["class_name"] == "Lion"
+    for restored in (
+        Projected.from_config(config),
+        keras.optimizers.deserialize(keras.optimizers.serialize(optimizer)),
+        keras.optimizers.get(keras.optimizers.serialize(optimizer)),
+    ):
+        assert isinstance(restored, Projected)
+        assert isinstance(restored.inner_optimizer, keras.optimizers.Lion)
+        assert restored.get_config() | {"name": None} == config | {"name": None}
+
+
+def test_a_compiled_model_round_trips_through_keras_file_and_resumes_exactly(
+    tmp_path,
+):
+    from _data import digits
+
+    x, y = digits(64)
+    model = wrapped_model()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.optimizer, Projected)
+    assert isinstance(loaded.optimizer.inner_optimizer, keras.optimizers.AdamW)
+    assert loaded.optimizer.wd_ratio == 0.5
+    assert loaded.optimizer.channel_axes == {"conv2d/kernel": (3,)}
+    assert int(loaded.optimizer.iterations) == 4
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(a), ops.convert_to_numpy(b), err_msg=a.path
+        )
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    loaded.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # And on another backend, in a fresh process.
+    other = "jax" if BACKEND != "jax" else "torch"
+    script = (
+        "import sys, keras, keras_adamp, numpy as np\n"
+        "m = keras.saving.load_model(sys.argv[1])\n"
+        "assert type(m.optimizer).__name__ == 'Projected', m.optimizer\n"
+        "assert int(m.optimizer.iterations) == 8\n"
+        "np.savez(sys.argv[2], *m.get_weights())\n"
+    )
+    model.save(path)
+    out = str(tmp_path / "weights.npz")
+    env = dict(os.environ, KERAS_BACKEND=other, PYTHONPATH=ROOT)
+    subprocess.run(
+        [sys.executable, "-c", script, path, out], env=env, check=True, timeout=300
+    )
+    with np.load(out) as saved:
+        for i, w in enumerate(model.get_weights()):
+            np.testing.assert_array_equal(saved[f"arr_{i}"], w)
+
+
+# -- diagnostics and callbacks -----------------------------------------------
+
+
+def test_diagnostics_and_the_norm_monitor_use_the_wrappers_test():
+    from _data import digits
+
+    x, y = digits(32)
+    model = wrapped_model()
+    optimizer = model.optimizer
+    optimizer.build(model.trainable_variables)
+    kernel = model.layers[0].kernel
+    assert optimizer.channel_layout(kernel).channel_axes == (3,)
+    assert keras_adamp.layouts.channel_layout(optimizer, kernel) is (
+        optimizer.channel_layout(kernel)
+    )
+    rows = keras_adamp.diagnostics.scale_invariance_report(model, x, y)
+    by_path = {row.path: row for row in rows}
+    assert by_path[kernel.path].scale_invariant
+    assert not by_path[model.layers[-1].kernel.path].scale_invariant
+    # The wrapper's delta is the one used: a huge delta passes the head too.
+    optimizer.delta = 1e6
+    rows = keras_adamp.diagnostics.scale_invariance_report(model, x, y)
+    assert {row.path: row for row in rows}[model.layers[-1].kernel.path].scale_invariant
+    optimizer.delta = 0.2
+    monitor = keras_adamp.callbacks.ScaleInvariantNormMonitor(data=(x, y))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert kernel.path in monitor.tracked_paths
+    assert model.layers[-1].kernel.path not in monitor.tracked_paths
