@@ -17,11 +17,13 @@ each kernel; here that is done over all variables at once, in place, under
 * each variable's correction, ``w <- w - w_before * c`` with a
   per-channel ``c``, is one ``_foreach_addcmul_`` over all of them.
 
-`step` returns False (the caller runs the generic ``keras.ops`` path) where
-the variables' values are not their own storage (a ``StatelessScope``, an
-autocast scope).
+`step` returns False (the caller runs the generic ``keras.ops`` path) inside
+a ``keras.StatelessScope`` (no variable may change there, and the tensors the
+scope maps them to may be their own storage) and where the variables' values
+are not their own storage (an autocast scope).
 """
 
+import keras
 import torch
 
 from keras_adamp import _torch
@@ -36,7 +38,7 @@ def step(wrapper, original, grads, variables, learning_rate):
     Returns:
         False, having done nothing, where the generic path must run.
     """
-    if not _torch.ENABLED:
+    if not _torch.ENABLED or _in_stateless_scope():
         return False
     values = [v.value for v in variables]
     if not all(_torch._is_storage(x) for x in values):
@@ -91,6 +93,15 @@ def step(wrapper, original, grads, variables, learning_rate):
                     a.view(view).float() + before[n].view(view).float() * factors[n]
                 )
     return True
+
+
+def _in_stateless_scope():
+    """Whether a ``keras.StatelessScope`` is active (Keras has no public
+    query: a scope entered records the one it nests in)."""
+    probe = keras.StatelessScope(initialize_variables=False)
+    with probe:
+        pass
+    return probe.original_scope is not None
 
 
 def _sums(layout, g, w, w_new):

@@ -595,3 +595,29 @@ def test_mirrored_strategy_on_one_device_equals_no_strategy():
     want = fit(contextlib.nullcontext())
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TF has no stateless_apply")
+def test_stateless_apply_on_the_variables_own_values_changes_no_variable():
+    # Lamb runs Keras's generic step on every backend (no torch executor of
+    # Keras's own to write into the mapped tensors).
+    def make():
+        return Projected(keras.optimizers.Lamb(learning_rate=0.01))
+
+    stateful = run(make(), "eager", steps=2)
+    optimizer = make()
+    variables = make_variables()
+    optimizer.build(variables)
+    start = [ops.convert_to_numpy(v) for v in variables]
+    train = [v.value for v in variables]
+    opt = [v.value for v in optimizer.variables]
+    for noise in noise_sequence(2):
+        noise = [ops.convert_to_tensor(r) for r in noise]
+        grads = gradients([ops.stop_gradient(x) for x in train], noise)
+        train, opt = optimizer.stateless_apply(opt, grads, train)
+    for path, a, b in zip(VARIABLES, stateful, train):
+        np.testing.assert_allclose(
+            a, ops.convert_to_numpy(b), rtol=1e-5, atol=1e-7, err_msg=path
+        )
+    for v, w in zip(variables, start):
+        np.testing.assert_array_equal(ops.convert_to_numpy(v), w)
