@@ -1,0 +1,678 @@
+"""`keras_adamp.Projected`: AdamP's projection on any Keras optimizer's update.
+
+Equivalence: Projected(AdamW) follows AdamP and Projected(SGD, Nesterov)
+follows SGDP with the same settings, where Keras's conventions and the
+reference's agree (see `equivalent`); the wrapper in every compiled mode; the
+errors that say what to do instead; mixed precision, sparse gradients,
+MirroredStrategy, stateless_apply; saving; diagnostics; the short names."""
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_adamp
+from keras_adamp import SGDP
+from keras_adamp import AdamP
+from keras_adamp import Projected
+
+BACKEND = keras.backend.backend()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (shape, channel axes of the gradient's orthogonality: "channel"
+# makes every output channel of the gradient orthogonal to the weight (the
+# channel-wise view passes), "layer" only the whole tensor (the layer-wise
+# view passes), None an ordinary gradient, correlated with the weight (no
+# view passes)). Biases and rank-1 variables are never projected.
+VARIABLES = {
+    "conv/kernel": ((3, 3, 4, 8), "channel"),
+    "dense/kernel": ((16, 8), "channel"),
+    "depthwise/kernel": ((3, 3, 4, 1), "channel"),
+    "dense_layer/kernel": ((12, 6), "layer"),
+    "head/kernel": ((8, 5), None),
+    "head/bias": ((5,), None),
+    "norm/gamma": ((8,), None),
+}
+STEPS = 20
+
+
+def make_variables():
+    rng = np.random.default_rng(0)
+    out = []
+    for path, (shape, _) in VARIABLES.items():
+        value = rng.normal(size=shape).astype("float32")
+        out.append(keras.Variable(value, name=path.replace("/", "_")))
+    return out
+
+
+def _channel_axes(shape):
+    """Output axes as the package's static rules see these shapes."""
+    if len(shape) == 4 and shape[-1] == 1:  # depthwise, multiplier 1
+        return (2, 3)
+    return (len(shape) - 1,)
+
+
+def gradients(values, noise):
+    """Per variable a gradient from `noise`, made orthogonal to the weight
+    per output channel, per tensor, or correlated with it (keras.ops, so
+    that it compiles with the step)."""
+    grads = []
+    for (shape, kind), w, r in zip(VARIABLES.values(), values, noise):
+        if kind is None:
+            grads.append(r + 0.5 * w)
+            continue
+        if kind == "channel":
+            axes = tuple(a for a in range(len(shape)) if a not in _channel_axes(shape))
+        else:
+            axes = tuple(range(len(shape)))
+        wr = ops.sum(w * r, axis=axes, keepdims=True)
+        ww = ops.sum(w * w, axis=axes, keepdims=True)
+        grads.append(r - w * wr / ww)
+    return grads
+
+
+def noise_sequence(steps=STEPS):
+    rng = np.random.default_rng(1)
+    return [
+        [rng.normal(size=shape).astype("float32") for shape, _ in VARIABLES.values()]
+        for _ in range(steps)
+    ]
+
+
+def run(optimizer, mode, steps=STEPS):
+    """The weights after `steps` steps of `optimizer` (mode: "eager",
+    "function", "xla" on TF; "jit" on JAX: stateless_apply under jax.jit;
+    "eager" elsewhere)."""
+    variables = make_variables()
+    optimizer.build(variables)
+    sequence = noise_sequence(steps)
+    if mode == "jit":
+        import jax
+
+        @jax.jit
+        def step(train, opt, noise):
+            grads = gradients(train, noise)
+            return optimizer.stateless_apply(opt, grads, train)
+
+        train = [v.value for v in variables]
+        opt = [v.value for v in optimizer.variables]
+        for noise in sequence:
+            train, opt = step(train, opt, noise)
+        return [np.asarray(x) for x in train]
+
+    def step(noise):
+        values = [ops.stop_gradient(v.value) for v in variables]
+        noise = [ops.convert_to_tensor(r) for r in noise]
+        optimizer.apply(gradients(values, noise), variables)
+
+    if mode in ("function", "xla"):
+        import tensorflow as tf
+
+        step = tf.function(step, jit_compile=mode == "xla")
+    for noise in sequence:
+        step(noise)
+    return [ops.convert_to_numpy(v) for v in variables]
+
+
+MODES = {
+    "tensorflow": ["eager", "function", "xla"],
+    "jax": ["jit"],
+    "torch": ["eager"],
+}[BACKEND]
+
+# Where the conventions differ, the settings make them agree:
+# - Adam's epsilon: Keras adds it to sqrt(v) before the bias correction,
+#   AdamP after; with gradients of order 1 an epsilon of 1e-8 is below
+#   float32 rounding either way.
+# - SGD's momentum: Keras keeps the learning rate inside the buffer, SGDP
+#   outside; equal under a constant learning rate (used here).
+# - Decay: Keras decays by lr * weight_decay, SGDP by lr * weight_decay /
+#   (1 - momentum): SGDP gets weight_decay * (1 - momentum).
+PAIRS = {
+    "adamw": (
+        lambda: Projected(
+            keras.optimizers.AdamW(learning_rate=0.01, weight_decay=0.05, epsilon=1e-8)
+        ),
+        lambda: AdamP(learning_rate=0.01, weight_decay=0.05, epsilon=1e-8),
+        lambda: keras.optimizers.AdamW(
+            learning_rate=0.01, weight_decay=0.05, epsilon=1e-8
+        ),
+    ),
+    "sgd_nesterov": (
+        lambda: Projected(
+            keras.optimizers.SGD(
+                learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=0.05
+            )
+        ),
+        lambda: SGDP(
+            learning_rate=0.05,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=0.05 * (1 - 0.9),
+        ),
+        lambda: keras.optimizers.SGD(
+            learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=0.05
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_projected_keras_optimizer_follows_its_keras_adamp_counterpart(pair, mode):
+    wrapped, reference, plain = PAIRS[pair]
+    got = run(wrapped(), mode)
+    want = run(reference(), mode)
+    for path, g, w in zip(VARIABLES, got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=path)
+    if mode != MODES[0]:
+        return
+    unprojected = run(plain(), mode)
+    for path, g, w, u in zip(VARIABLES, got, want, unprojected):
+        kind = VARIABLES[path][1]
+        if kind is not None:
+            # The projection fired: the plain optimizer's weight is elsewhere.
+            assert np.max(np.abs(u - w)) > 1e-3, path
+        else:
+            # Never projected, or not this time: exactly the inner's step.
+            np.testing.assert_array_equal(g, u, err_msg=path)
+
+
+# -- what cannot be wrapped ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (
+            lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),
+            "outside",
+        ),
+        (
+            lambda: keras.optimizers.MultiOptimizer(
+                keras.optimizers.OptimizerMap(keras.optimizers.SGD())
+            ),
+            "each in its own Projected",
+        ),
+        (
+            lambda: keras.optimizers.OptimizerMap(keras.optimizers.SGD()),
+            "each in its own Projected",
+        ),
+        (lambda: AdamP(), "Projected(keras.optimizers.AdamW"),
+        (lambda: SGDP(learning_rate=0.1), "Projected(keras.optimizers.SGD"),
+        (lambda: keras_adamp.AdamS(), "Use keras_adamp.AdamS alone"),
+        (lambda: Projected(keras.optimizers.SGD()), "already wrapped"),
+        (lambda: "adamw", "keras.optimizers.get('lion')"),
+    ],
+)
+def test_what_cannot_be_wrapped_is_rejected_saying_what_to_do(make, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Projected(make())
+
+
+def test_an_optimizer_wrapped_once_cannot_be_wrapped_again():
+    inner = keras.optimizers.SGD()
+    Projected(inner)
+    with pytest.raises(ValueError, match="already wrapped"):
+        Projected(inner)
+
+
+def test_base_arguments_belong_to_the_inner_optimizer():
+    with pytest.raises(ValueError, match="on the inner optimizer"):
+        Projected(keras.optimizers.SGD(), clipnorm=1.0)
+    with pytest.raises(ValueError, match="wd_ratio"):
+        Projected(keras.optimizers.SGD(), wd_ratio=2.0)
+
+
+# -- the short names ---------------------------------------------------------
+
+SHORT_NAMES = {
+    "adamp": AdamP,
+    "sgdp": SGDP,
+    "adams": keras_adamp.AdamS,
+    "adamsrt": keras_adamp.AdamSRT,
+    "sgdmrt": keras_adamp.SGDMRT,
+}
+
+
+@pytest.mark.parametrize("name", list(SHORT_NAMES))
+def test_short_lowercase_names_resolve_through_keras(name):
+    optimizer = keras.optimizers.get(name)
+    assert type(optimizer) is SHORT_NAMES[name]
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=name, loss="mse")
+    assert type(model.optimizer) is SHORT_NAMES[name]
+    model.fit(np.ones((4, 3)), np.zeros((4, 2)), verbose=0)
+    assert int(model.optimizer.iterations) == 1
+
+
+def test_short_names_shadow_no_keras_name():
+    import keras.src.optimizers as keras_optimizers
+
+    for name in SHORT_NAMES:
+        assert name not in keras_optimizers.ALL_OBJECTS_DICT
+        for module in (keras.layers, keras.losses, keras.metrics, keras.activations):
+            assert name not in {n.lower() for n in dir(module)}, (name, module)
+    # Keras's own names still give Keras's optimizers.
+    assert type(keras.optimizers.get("adam")).__name__ == "Adam"
+    assert type(keras.optimizers.get("sgd")).__name__ == "SGD"
+
+
+# -- saving --------------------------------------------------------------------
+
+
+def wrapped_model():
+    from _data import conv_bn_model
+
+    model = conv_bn_model()
+    model.compile(
+        optimizer=Projected(
+            keras.optimizers.AdamW(learning_rate=0.01, weight_decay=0.01),
+            delta=0.2,
+            wd_ratio=0.5,
+            channel_axes={"conv2d/kernel": [3]},
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def test_config_round_trips_without_custom_objects():
+    optimizer = Projected(
+        keras.optimizers.Lion(learning_rate=1e-4, weight_decay=0.1),
+        delta=0.2,
+        wd_ratio=0.3,
+        eps=1e-6,
+        channel_axes={"dense": 1},
+    )
+    config = optimizer.get_config()
+    assert config["inner_optimizer"]["class_name"] == "Lion"
+    for restored in (
+        Projected.from_config(config),
+        keras.optimizers.deserialize(keras.optimizers.serialize(optimizer)),
+        keras.optimizers.get(keras.optimizers.serialize(optimizer)),
+    ):
+        assert isinstance(restored, Projected)
+        assert isinstance(restored.inner_optimizer, keras.optimizers.Lion)
+        assert restored.get_config() | {"name": None} == config | {"name": None}
+
+
+def test_a_compiled_model_round_trips_through_keras_file_and_resumes_exactly(
+    tmp_path,
+):
+    from _data import digits
+
+    x, y = digits(64)
+    model = wrapped_model()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.optimizer, Projected)
+    assert isinstance(loaded.optimizer.inner_optimizer, keras.optimizers.AdamW)
+    assert loaded.optimizer.wd_ratio == 0.5
+    assert loaded.optimizer.channel_axes == {"conv2d/kernel": (3,)}
+    assert int(loaded.optimizer.iterations) == 4
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(a), ops.convert_to_numpy(b), err_msg=a.path
+        )
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    loaded.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="runs in the TensorFlow pass: saves there, loads on JAX and torch",
+)
+def test_a_saved_wrapped_model_loads_on_the_other_backends(tmp_path):
+    from _data import digits
+
+    x, y = digits(32)
+    model = wrapped_model()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    script = (
+        "import sys, keras, keras_adamp, numpy as np\n"
+        "m = keras.saving.load_model(sys.argv[1])\n"
+        "assert type(m.optimizer).__name__ == 'Projected', m.optimizer\n"
+        "assert int(m.optimizer.iterations) == 2\n"
+        "np.savez(sys.argv[2], *m.get_weights(), *[\n"
+        "    keras.ops.convert_to_numpy(v) for v in m.optimizer.variables])\n"
+    )
+    want = model.get_weights() + [
+        ops.convert_to_numpy(v) for v in model.optimizer.variables
+    ]
+    for other in ("jax", "torch"):
+        out = str(tmp_path / f"{other}.npz")
+        env = dict(os.environ, KERAS_BACKEND=other, PYTHONPATH=ROOT)
+        subprocess.run(
+            [sys.executable, "-c", script, path, out], env=env, check=True, timeout=300
+        )
+        with np.load(out) as saved:
+            assert len(saved.files) == len(want)
+            for i, w in enumerate(want):
+                np.testing.assert_array_equal(saved[f"arr_{i}"], w, err_msg=other)
+
+
+# -- diagnostics and callbacks -----------------------------------------------
+
+
+def test_diagnostics_and_the_norm_monitor_use_the_wrappers_test():
+    from _data import digits
+
+    x, y = digits(32)
+    model = wrapped_model()
+    optimizer = model.optimizer
+    optimizer.build(model.trainable_variables)
+    kernel = model.layers[0].kernel
+    assert optimizer.channel_layout(kernel).channel_axes == (3,)
+    assert keras_adamp.layouts.channel_layout(optimizer, kernel) is (
+        optimizer.channel_layout(kernel)
+    )
+    rows = keras_adamp.diagnostics.scale_invariance_report(model, x, y)
+    by_path = {row.path: row for row in rows}
+    assert by_path[kernel.path].scale_invariant
+    assert not by_path[model.layers[-1].kernel.path].scale_invariant
+    # The wrapper's delta is the one used: a huge delta passes the head too.
+    optimizer.delta = 1e6
+    rows = keras_adamp.diagnostics.scale_invariance_report(model, x, y)
+    assert {row.path: row for row in rows}[model.layers[-1].kernel.path].scale_invariant
+    optimizer.delta = 0.2
+    monitor = keras_adamp.callbacks.ScaleInvariantNormMonitor(data=(x, y))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert kernel.path in monitor.tracked_paths
+    assert model.layers[-1].kernel.path not in monitor.tracked_paths
+
+
+# -- every path of a step ----------------------------------------------------
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch executor's fallback")
+def test_generic_path_on_torch_equals_the_torch_executor(monkeypatch):
+    from keras_adamp import _torch
+
+    wrapped, _, _ = PAIRS["adamw"]
+    fast = run(wrapped(), "eager")
+    monkeypatch.setattr(_torch, "ENABLED", False)
+    generic = run(wrapped(), "eager")
+    for path, a, b in zip(VARIABLES, fast, generic):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TF has no stateless_apply")
+def test_stateless_apply_equals_apply_and_leaves_the_state_alone():
+    wrapped, _, _ = PAIRS["sgd_nesterov"]
+    stateful = run(wrapped(), "eager", steps=3)
+    optimizer = wrapped()
+    variables = make_variables()
+    optimizer.build(variables)
+    start = [ops.convert_to_numpy(v) for v in variables]
+    train = [ops.copy(v.value) for v in variables]
+    opt = [ops.copy(v.value) for v in optimizer.variables]
+    stateless_apply = optimizer.stateless_apply
+    if BACKEND == "jax":
+        import jax
+
+        stateless_apply = jax.jit(stateless_apply)
+    for noise in noise_sequence(3):
+        noise = [ops.convert_to_tensor(r) for r in noise]
+        grads = gradients([ops.stop_gradient(x) for x in train], noise)
+        train, opt = stateless_apply(opt, grads, train)
+    for path, a, b in zip(VARIABLES, stateful, train):
+        np.testing.assert_allclose(
+            a, ops.convert_to_numpy(b), rtol=1e-5, atol=1e-7, err_msg=path
+        )
+    for v, w in zip(variables, start):
+        np.testing.assert_array_equal(ops.convert_to_numpy(v), w)
+    assert int(optimizer.iterations) == 0
+
+
+def test_gradient_accumulation_and_clipping_stay_the_inner_optimizers():
+    # The projection acts on the accumulated step only; clipping happens
+    # before it (the cosine sees the clipped gradient, as the inner does).
+    def make(**kwargs):
+        return Projected(
+            keras.optimizers.AdamW(learning_rate=0.01, weight_decay=0.05, **kwargs)
+        )
+
+    variables = make_variables()
+    optimizer = make(gradient_accumulation_steps=2, clipnorm=0.5)
+    optimizer.build(variables)
+    sequence = noise_sequence(4)
+    trajectory = []
+    apply = applier(optimizer, variables)
+    for noise in sequence:
+        values = [ops.stop_gradient(v.value) for v in variables]
+        noise = [ops.convert_to_tensor(r) for r in noise]
+        apply(gradients(values, noise))
+        trajectory.append([ops.convert_to_numpy(v) for v in variables])
+    # Accumulating steps leave the weights alone.
+    for a, b in zip(make_variables(), trajectory[0]):
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), b)
+    np.testing.assert_array_equal(trajectory[1][0] == trajectory[2][0], True)
+    assert int(optimizer.iterations) == 2
+    assert np.max(np.abs(trajectory[3][0] - trajectory[1][0])) > 0
+
+
+def applier(optimizer, variables):
+    """`apply(grads)`: `optimizer.apply`, on JAX its `stateless_apply` under
+    `jax.jit` (eager JAX compiles op by op), written back."""
+    if BACKEND != "jax":
+        return lambda grads: optimizer.apply(grads, variables)
+    import jax
+
+    optimizer.build(variables)
+    step = jax.jit(optimizer.stateless_apply)
+
+    def apply(grads):
+        train, opt = step(
+            [v.value for v in optimizer.variables], grads, [v.value for v in variables]
+        )
+        for v, value in zip(variables + list(optimizer.variables), train + opt):
+            v.assign(value)
+
+    return apply
+
+
+# -- mixed precision, sparse gradients, tf.distribute ------------------------
+
+
+@pytest.fixture
+def policy():
+    previous = keras.config.dtype_policy()
+    try:
+        yield keras.config.set_dtype_policy
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def test_mixed_float16_compile_wraps_the_wrapper_in_a_loss_scale_optimizer(policy):
+    from _data import conv_bn_model
+    from _data import digits
+
+    policy("mixed_float16")
+    x, y = digits(256)
+    model = conv_bn_model(logits_dtype="float32")
+    model.compile(
+        optimizer=Projected(
+            keras.optimizers.SGD(learning_rate=0.05, momentum=0.9, weight_decay=1e-3)
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert isinstance(model.optimizer.inner_optimizer, Projected)
+    losses = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
+    # The projection ran: the BatchNorm-followed kernels' norms barely grow.
+    rows = keras_adamp.diagnostics.scale_invariance_report(model, x[:32], y[:32])
+    assert rows[0].scale_invariant
+
+
+def test_loss_scale_optimizer_outside_skips_a_non_finite_step():
+    variables = make_variables()
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        Projected(keras.optimizers.AdamW(learning_rate=0.01)), initial_scale=4.0
+    )
+    noise = [ops.convert_to_tensor(r) for r in noise_sequence(1)[0]]
+    grads = gradients([ops.stop_gradient(v.value) for v in variables], noise)
+    start = [ops.convert_to_numpy(v) for v in variables]
+    apply = applier(optimizer, variables)
+    bad = list(grads)
+    bad[0] = bad[0] * np.inf
+    apply(bad)
+    for v, w in zip(variables, start):
+        np.testing.assert_array_equal(ops.convert_to_numpy(v), w)
+    # A finite step: the unscaled gradient reaches the wrapped AdamW.
+    apply([g * 2.0 for g in grads])  # the scale was halved to 2
+    reference = Projected(keras.optimizers.AdamW(learning_rate=0.01))
+    mirror = make_variables()
+    applier(reference, mirror)(grads)
+    for v, w in zip(variables, mirror):
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(v), ops.convert_to_numpy(w), rtol=1e-5, atol=1e-7
+        )
+
+
+@pytest.mark.tensorflow_only
+def test_sparse_embedding_gradients_train_as_adamp():
+    from test_sparse import data
+    from test_sparse import embedding_model
+
+    x, y = data()
+
+    def fit(optimizer):
+        model = embedding_model()
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    # Plain SGD steps sparse and dense gradients alike (Keras's Adam does
+    # not: its moments see an IndexedSlices' rows only), so SGDP without
+    # momentum is the reference.
+    got = fit(Projected(keras.optimizers.SGD(learning_rate=0.5, weight_decay=1e-3)))
+    want = fit(SGDP(learning_rate=0.5, weight_decay=1e-3))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.tensorflow_only
+def test_mirrored_strategy_on_one_device_equals_no_strategy():
+    import tensorflow as tf
+    from _data import conv_bn_model
+    from _data import digits
+
+    x, y = digits(128)
+
+    def fit(scope):
+        with scope:
+            model = conv_bn_model()
+            model.compile(
+                optimizer=Projected(
+                    keras.optimizers.SGD(
+                        learning_rate=0.05, momentum=0.9, weight_decay=1e-3
+                    )
+                ),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    got = fit(strategy.scope())
+    want = fit(contextlib.nullcontext())
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TF has no stateless_apply")
+def test_stateless_apply_on_the_variables_own_values_changes_no_variable():
+    # Lamb runs Keras's generic step on every backend (no torch executor of
+    # Keras's own to write into the mapped tensors).
+    def make():
+        return Projected(keras.optimizers.Lamb(learning_rate=0.01))
+
+    stateful = run(make(), "eager", steps=2)
+    optimizer = make()
+    variables = make_variables()
+    optimizer.build(variables)
+    start = [ops.convert_to_numpy(v) for v in variables]
+    train = [v.value for v in variables]
+    opt = [v.value for v in optimizer.variables]
+    for noise in noise_sequence(2):
+        noise = [ops.convert_to_tensor(r) for r in noise]
+        grads = gradients([ops.stop_gradient(x) for x in train], noise)
+        train, opt = optimizer.stateless_apply(opt, grads, train)
+    for path, a, b in zip(VARIABLES, stateful, train):
+        np.testing.assert_allclose(
+            a, ops.convert_to_numpy(b), rtol=1e-5, atol=1e-7, err_msg=path
+        )
+    for v, w in zip(variables, start):
+        np.testing.assert_array_equal(ops.convert_to_numpy(v), w)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch executor's sums")
+@pytest.mark.parametrize(
+    "shape, axes, dtype",
+    [
+        ((3, 3, 256, 80), (3,), "float32"),  # a kernel's (rows, C), in blocks
+        ((700, 200), (0,), "float32"),  # an Embedding's rows: (C, dim)
+        ((600, 256), (1,), "float16"),
+        ((600, 256), (), "float32"),  # the whole tensor as one group
+    ],
+)
+def test_torch_channel_sums_in_blocks_equal_the_plain_sums(shape, axes, dtype):
+    import torch
+
+    from keras_adamp import _torch
+    from keras_adamp import _torch_projected
+    from keras_adamp import layouts
+
+    layout = layouts.ChannelLayout.create(shape, axes)
+    assert layout.numel > _torch._BLOCK  # the blocked path
+    gen = torch.Generator().manual_seed(0)
+    g, w, d = (torch.randn(layout.view, generator=gen) for _ in range(3))
+    g, w, w_new = (x.to(getattr(torch, dtype)) for x in (g, w, w + 0.01 * d))
+    got = _torch_projected._sums(layout, g, w, w_new)
+    g, w, w_new = (x.double() for x in (g, w, w_new))
+    want = torch.stack(
+        [
+            torch.sum(a * b, dim=layout.reduce_axes)
+            for a, b in ((g, w), (g, g), (w, w), (w, w_new - w))
+        ]
+    ).reshape(4, layout.num_channels)
+    scale = torch.sqrt(
+        torch.sum(w * w, dim=layout.reduce_axes)
+        * torch.sum(g * g, dim=layout.reduce_axes)
+    )
+    np.testing.assert_allclose(
+        (got.double() - want).numpy() / scale.numpy(), 0.0, atol=1e-5
+    )
+
+
+def test_the_inner_optimizers_weight_decay_exclusions_are_honoured():
+    def excluded(optimizer):
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        inner.exclude_from_weight_decay(var_names=["dense_kernel", "gamma"])
+        return optimizer
+
+    wrapped, reference, _ = PAIRS["adamw"]
+    got = run(excluded(wrapped()), MODES[0])
+    want = run(excluded(reference()), MODES[0])
+    decayed = run(reference(), MODES[0])
+    for path, g, w, d in zip(VARIABLES, got, want, decayed):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=path)
+    # The exclusion mattered: the excluded kernel is elsewhere with decay.
+    assert np.max(np.abs(got[1] - decayed[1])) > 1e-4
