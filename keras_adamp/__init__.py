@@ -8,7 +8,7 @@ weight norm stops growing and the effective step size stops shrinking.
 __version__ = "0.2.0"
 
 try:
-    import keras  # noqa: F401
+    import keras
 except ImportError as error:
     # Keras 3 imports its backend on `import keras`; without one the error
     # comes from deep inside Keras ("No module named 'tensorflow'").
@@ -29,6 +29,7 @@ from keras_adamp.adamp import AdamP
 from keras_adamp.adams import AdamS
 from keras_adamp.adamsrt import AdamSRT
 from keras_adamp.layouts import channel_axes_for
+from keras_adamp.projected import Projected
 from keras_adamp.sgdmrt import SGDMRT
 from keras_adamp.sgdp import SGDP
 
@@ -38,6 +39,7 @@ __all__ = [
     "AdamP",
     "AdamS",
     "AdamSRT",
+    "Projected",
     "__version__",
     "callbacks",
     "channel_axes_for",
@@ -47,3 +49,10 @@ __all__ = [
     "normalized_kernels",
     "projection",
 ]
+
+# The short names Keras users write for Keras's own optimizers ("adamw"), for
+# ours: `keras.optimizers.get("adamp")`, `compile(optimizer="sgdp")`. None is
+# a Keras name (the tests check), so no Keras object is shadowed.
+for _cls in (AdamP, SGDP, AdamS, AdamSRT, SGDMRT):
+    keras.saving.get_custom_objects().setdefault(_cls.__name__.lower(), _cls)
+del _cls

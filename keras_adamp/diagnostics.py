@@ -205,7 +205,11 @@ def _loss_function(model, loss):
 
 def _test_settings(optimizer):
     delta = getattr(optimizer, "delta", 0.1)
-    eps = getattr(optimizer, "epsilon", 1e-8)
+    # Projected names its epsilon `eps`: its inner optimizer's `epsilon` is
+    # another one (Adam's denominator).
+    eps = getattr(optimizer, "eps", None)
+    if eps is None:
+        eps = getattr(optimizer, "epsilon", 1e-8)
     return float(delta), float(eps)
 
 
@@ -229,8 +233,8 @@ def scale_invariance_report(model, x, y, optimizer=None, loss=None, gradients=No
         model: A built Keras model.
         x: One training batch's inputs.
         y: Its targets.
-        optimizer: An ``AdamP``/``SGDP`` (default: ``model.optimizer`` if it is
-            one). Its ``delta``, ``epsilon`` and layouts (``channel_layout``,
+        optimizer: An ``AdamP``/``SGDP``/``Projected`` (default:
+            ``model.optimizer`` if it is one). Its ``delta``, ``epsilon`` and layouts (``channel_layout``,
             hence any ``channel_axes`` override) are used; for another
             optimizer, or None, the defaults (delta 0.1, eps 1e-8, the default
             layout rules).
@@ -256,7 +260,7 @@ def scale_invariance_report(model, x, y, optimizer=None, loss=None, gradients=No
             f"received {len(gradients)}."
         )
     # A LossScaleOptimizer (mixed_float16) wraps the real one.
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    optimizer = layouts.projecting_optimizer(optimizer)
     delta, eps = _test_settings(optimizer)
     variable_layouts = _layouts(optimizer, variables)
     tested = [

@@ -626,12 +626,24 @@ def channel_layout(optimizer, variable):
         ValueError: for another optimizer, or a variable the built optimizer
             was not built on.
     """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner = projecting_optimizer(optimizer)
     method = getattr(inner, "channel_layout", None)
     if method is None:
         raise ValueError(
             f"{type(inner).__name__} groups no variable by output channel: "
             f"channel layouts are those of keras_adamp's optimizers (AdamP, "
-            f"SGDP), or of a LossScaleOptimizer wrapping one."
+            f"SGDP, Projected), or of a LossScaleOptimizer wrapping one."
         )
     return method(variable)
+
+
+def projecting_optimizer(optimizer):
+    """The optimizer whose channel layouts and test settings apply:
+    `optimizer` if it has layouts (AdamP, SGDP, Projected, ...), else the
+    optimizer it wraps (a ``LossScaleOptimizer``'s), else `optimizer`."""
+    while getattr(optimizer, "channel_layout", None) is None:
+        inner = getattr(optimizer, "inner_optimizer", None)
+        if inner is None:
+            break
+        optimizer = inner
+    return optimizer

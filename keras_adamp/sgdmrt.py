@@ -34,7 +34,8 @@ class SGDMRT(SphericalOptimizer):
         learning_rate: A float, a
             `keras.optimizers.schedules.LearningRateSchedule` instance, or
             a callable that takes no arguments and returns the actual value to
-            use. The learning rate. Required (as in the reference).
+            use. The learning rate. Defaults to `0.01` (as Keras's SGD and
+            SGDP; the reference requires it).
         momentum: A float in [0, 1), the momentum factor. Defaults to `0.0`
             (then there is no buffer to transport: plain SGD).
         dampening: A float in [0, 1), dampening for momentum. Defaults to `0.0`.
@@ -57,7 +58,7 @@ class SGDMRT(SphericalOptimizer):
 
     def __init__(
         self,
-        learning_rate,
+        learning_rate=0.01,
         momentum=0.0,
         dampening=0.0,
         l2=0.0,

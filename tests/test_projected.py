@@ -1,0 +1,373 @@
+"""`keras_adamp.Projected`: AdamP's projection on any Keras optimizer's update.
+
+Equivalence: Projected(AdamW) follows AdamP and Projected(SGD, Nesterov)
+follows SGDP with the same settings, where Keras's conventions and the
+reference's agree (see `equivalent`); the wrapper in every compiled mode; the
+errors that say what to do instead; mixed precision, sparse gradients,
+MirroredStrategy, stateless_apply; saving; diagnostics; the short names."""
+
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_adamp
+from keras_adamp import SGDP
+from keras_adamp import AdamP
+from keras_adamp import Projected
+
+BACKEND = keras.backend.backend()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (shape, channel axes of the gradient's orthogonality: "channel"
+# makes every output channel of the gradient orthogonal to the weight (the
+# channel-wise view passes), "layer" only the whole tensor (the layer-wise
+# view passes), None an ordinary gradient, correlated with the weight (no
+# view passes)). Biases and rank-1 variables are never projected.
+VARIABLES = {
+    "conv/kernel": ((3, 3, 4, 8), "channel"),
+    "dense/kernel": ((16, 8), "channel"),
+    "depthwise/kernel": ((3, 3, 4, 1), "channel"),
+    "dense_layer/kernel": ((12, 6), "layer"),
+    "head/kernel": ((8, 5), None),
+    "head/bias": ((5,), None),
+    "norm/gamma": ((8,), None),
+}
+STEPS = 20
+
+
+def make_variables():
+    rng = np.random.default_rng(0)
+    out = []
+    for path, (shape, _) in VARIABLES.items():
+        value = rng.normal(size=shape).astype("float32")
+        out.append(keras.Variable(value, name=path.replace("/", "_")))
+    return out
+
+
+def _channel_axes(shape):
+    """Output axes as the package's static rules see these shapes."""
+    if len(shape) == 4 and shape[-1] == 1:  # depthwise, multiplier 1
+        return (2, 3)
+    return (len(shape) - 1,)
+
+
+def gradients(values, noise):
+    """Per variable a gradient from `noise`, made orthogonal to the weight
+    per output channel, per tensor, or correlated with it (keras.ops, so
+    that it compiles with the step)."""
+    grads = []
+    for (shape, kind), w, r in zip(VARIABLES.values(), values, noise):
+        if kind is None:
+            grads.append(r + 0.5 * w)
+            continue
+        if kind == "channel":
+            axes = tuple(a for a in range(len(shape)) if a not in _channel_axes(shape))
+        else:
+            axes = tuple(range(len(shape)))
+        wr = ops.sum(w * r, axis=axes, keepdims=True)
+        ww = ops.sum(w * w, axis=axes, keepdims=True)
+        grads.append(r - w * wr / ww)
+    return grads
+
+
+def noise_sequence(steps=STEPS):
+    rng = np.random.default_rng(1)
+    return [
+        [rng.normal(size=shape).astype("float32") for shape, _ in VARIABLES.values()]
+        for _ in range(steps)
+    ]
+
+
+def run(optimizer, mode, steps=STEPS):
+    """The weights after `steps` steps of `optimizer` (mode: "eager",
+    "function", "xla" on TF; "jit" on JAX: stateless_apply under jax.jit;
+    "eager" elsewhere)."""
+    variables = make_variables()
+    optimizer.build(variables)
+    sequence = noise_sequence(steps)
+    if mode == "jit":
+        import jax
+
+        @jax.jit
+        def step(train, opt, noise):
+            grads = gradients(train, noise)
+            return optimizer.stateless_apply(opt, grads, train)
+
+        train = [v.value for v in variables]
+        opt = [v.value for v in optimizer.variables]
+        for noise in sequence:
+            train, opt = step(train, opt, noise)
+        return [np.asarray(x) for x in train]
+
+    def step(noise):
+        values = [ops.stop_gradient(v.value) for v in variables]
+        noise = [ops.convert_to_tensor(r) for r in noise]
+        optimizer.apply(gradients(values, noise), variables)
+
+    if mode in ("function", "xla"):
+        import tensorflow as tf
+
+        step = tf.function(step, jit_compile=mode == "xla")
+    for noise in sequence:
+        step(noise)
+    return [ops.convert_to_numpy(v) for v in variables]
+
+
+MODES = {
+    "tensorflow": ["eager", "function", "xla"],
+    "jax": ["eager", "jit"],
+    "torch": ["eager"],
+}[BACKEND]
+
+# Where the conventions differ, the settings make them agree:
+# - Adam's epsilon: Keras adds it to sqrt(v) before the bias correction,
+#   AdamP after; with gradients of order 1 an epsilon of 1e-8 is below
+#   float32 rounding either way.
+# - SGD's momentum: Keras keeps the learning rate inside the buffer, SGDP
+#   outside; equal under a constant learning rate (used here).
+# - Decay: Keras decays by lr * weight_decay, SGDP by lr * weight_decay /
+#   (1 - momentum): SGDP gets weight_decay * (1 - momentum).
+PAIRS = {
+    "adamw": (
+        lambda: Projected(
+            keras.optimizers.AdamW(learning_rate=0.01, weight_decay=0.05, epsilon=1e-8)
+        ),
+        lambda: AdamP(learning_rate=0.01, weight_decay=0.05, epsilon=1e-8),
+        lambda: keras.optimizers.AdamW(
+            learning_rate=0.01, weight_decay=0.05, epsilon=1e-8
+        ),
+    ),
+    "sgd_nesterov": (
+        lambda: Projected(
+            keras.optimizers.SGD(
+                learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=0.05
+            )
+        ),
+        lambda: SGDP(
+            learning_rate=0.05,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=0.05 * (1 - 0.9),
+        ),
+        lambda: keras.optimizers.SGD(
+            learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=0.05
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_projected_keras_optimizer_follows_its_keras_adamp_counterpart(pair, mode):
+    wrapped, reference, plain = PAIRS[pair]
+    got = run(wrapped(), mode)
+    want = run(reference(), mode)
+    unprojected = run(plain(), mode)
+    for path, g, w, u in zip(VARIABLES, got, want, unprojected):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=path)
+        kind = VARIABLES[path][1]
+        if kind is not None:
+            # The projection fired: the plain optimizer's weight is elsewhere.
+            assert np.max(np.abs(u - w)) > 1e-3, path
+        else:
+            # Never projected, or not this time: exactly the inner's step.
+            np.testing.assert_array_equal(g, u, err_msg=path)
+
+
+# -- what cannot be wrapped ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (
+            lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),
+            "outside",
+        ),
+        (
+            lambda: keras.optimizers.MultiOptimizer(
+                keras.optimizers.OptimizerMap(keras.optimizers.SGD())
+            ),
+            "each in its own Projected",
+        ),
+        (
+            lambda: keras.optimizers.OptimizerMap(keras.optimizers.SGD()),
+            "each in its own Projected",
+        ),
+        (lambda: AdamP(), "Projected(keras.optimizers.AdamW"),
+        (lambda: SGDP(learning_rate=0.1), "Projected(keras.optimizers.SGD"),
+        (lambda: keras_adamp.AdamS(), "Use keras_adamp.AdamS alone"),
+        (lambda: Projected(keras.optimizers.SGD()), "already wrapped"),
+        (lambda: "adamw", "keras.optimizers.get('lion')"),
+    ],
+)
+def test_what_cannot_be_wrapped_is_rejected_saying_what_to_do(make, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Projected(make())
+
+
+def test_an_optimizer_wrapped_once_cannot_be_wrapped_again():
+    inner = keras.optimizers.SGD()
+    Projected(inner)
+    with pytest.raises(ValueError, match="already wrapped"):
+        Projected(inner)
+
+
+def test_base_arguments_belong_to_the_inner_optimizer():
+    with pytest.raises(ValueError, match="on the inner optimizer"):
+        Projected(keras.optimizers.SGD(), clipnorm=1.0)
+    with pytest.raises(ValueError, match="wd_ratio"):
+        Projected(keras.optimizers.SGD(), wd_ratio=2.0)
+
+
+# -- the short names ---------------------------------------------------------
+
+SHORT_NAMES = {
+    "adamp": AdamP,
+    "sgdp": SGDP,
+    "adams": keras_adamp.AdamS,
+    "adamsrt": keras_adamp.AdamSRT,
+    "sgdmrt": keras_adamp.SGDMRT,
+}
+
+
+@pytest.mark.parametrize("name", list(SHORT_NAMES))
+def test_short_lowercase_names_resolve_through_keras(name):
+    optimizer = keras.optimizers.get(name)
+    assert type(optimizer) is SHORT_NAMES[name]
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=name, loss="mse")
+    assert type(model.optimizer) is SHORT_NAMES[name]
+    model.fit(np.ones((4, 3)), np.zeros((4, 2)), verbose=0)
+    assert int(model.optimizer.iterations) == 1
+
+
+def test_short_names_shadow_no_keras_name():
+    import keras.src.optimizers as keras_optimizers
+
+    for name in SHORT_NAMES:
+        assert name not in keras_optimizers.ALL_OBJECTS_DICT
+        for module in (keras.layers, keras.losses, keras.metrics, keras.activations):
+            assert name not in {n.lower() for n in dir(module)}, (name, module)
+    # Keras's own names still give Keras's optimizers.
+    assert type(keras.optimizers.get("adam")).__name__ == "Adam"
+    assert type(keras.optimizers.get("sgd")).__name__ == "SGD"
+
+
+# -- saving --------------------------------------------------------------------
+
+
+def wrapped_model():
+    from _data import conv_bn_model
+
+    model = conv_bn_model()
+    model.compile(
+        optimizer=Projected(
+            keras.optimizers.AdamW(learning_rate=0.01, weight_decay=0.01),
+            delta=0.2,
+            wd_ratio=0.5,
+            channel_axes={"conv2d/kernel": [3]},
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def test_config_round_trips_without_custom_objects():
+    optimizer = Projected(
+        keras.optimizers.Lion(learning_rate=1e-4, weight_decay=0.1),
+        delta=0.2,
+        wd_ratio=0.3,
+        eps=1e-6,
+        channel_axes={"dense": 1},
+    )
+    config = optimizer.get_config()
+    assert config["inner_optimizer"]["class_name"] == "Lion"
+    for restored in (
+        Projected.from_config(config),
+        keras.optimizers.deserialize(keras.optimizers.serialize(optimizer)),
+        keras.optimizers.get(keras.optimizers.serialize(optimizer)),
+    ):
+        assert isinstance(restored, Projected)
+        assert isinstance(restored.inner_optimizer, keras.optimizers.Lion)
+        assert restored.get_config() | {"name": None} == config | {"name": None}
+
+
+def test_a_compiled_model_round_trips_through_keras_file_and_resumes_exactly(
+    tmp_path,
+):
+    from _data import digits
+
+    x, y = digits(64)
+    model = wrapped_model()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.optimizer, Projected)
+    assert isinstance(loaded.optimizer.inner_optimizer, keras.optimizers.AdamW)
+    assert loaded.optimizer.wd_ratio == 0.5
+    assert loaded.optimizer.channel_axes == {"conv2d/kernel": (3,)}
+    assert int(loaded.optimizer.iterations) == 4
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(a), ops.convert_to_numpy(b), err_msg=a.path
+        )
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    loaded.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # And on another backend, in a fresh process.
+    other = "jax" if BACKEND != "jax" else "torch"
+    script = (
+        "import sys, keras, keras_adamp, numpy as np\n"
+        "m = keras.saving.load_model(sys.argv[1])\n"
+        "assert type(m.optimizer).__name__ == 'Projected', m.optimizer\n"
+        "assert int(m.optimizer.iterations) == 8\n"
+        "np.savez(sys.argv[2], *m.get_weights())\n"
+    )
+    model.save(path)
+    out = str(tmp_path / "weights.npz")
+    env = dict(os.environ, KERAS_BACKEND=other, PYTHONPATH=ROOT)
+    subprocess.run(
+        [sys.executable, "-c", script, path, out], env=env, check=True, timeout=300
+    )
+    with np.load(out) as saved:
+        for i, w in enumerate(model.get_weights()):
+            np.testing.assert_array_equal(saved[f"arr_{i}"], w)
+
+
+# -- diagnostics and callbacks -----------------------------------------------
+
+
+def test_diagnostics_and_the_norm_monitor_use_the_wrappers_test():
+    from _data import digits
+
+    x, y = digits(32)
+    model = wrapped_model()
+    optimizer = model.optimizer
+    optimizer.build(model.trainable_variables)
+    kernel = model.layers[0].kernel
+    assert optimizer.channel_layout(kernel).channel_axes == (3,)
+    assert keras_adamp.layouts.channel_layout(optimizer, kernel) is (
+        optimizer.channel_layout(kernel)
+    )
+    rows = keras_adamp.diagnostics.scale_invariance_report(model, x, y)
+    by_path = {row.path: row for row in rows}
+    assert by_path[kernel.path].scale_invariant
+    assert not by_path[model.layers[-1].kernel.path].scale_invariant
+    # The wrapper's delta is the one used: a huge delta passes the head too.
+    optimizer.delta = 1e6
+    rows = keras_adamp.diagnostics.scale_invariance_report(model, x, y)
+    assert {row.path: row for row in rows}[model.layers[-1].kernel.path].scale_invariant
+    optimizer.delta = 0.2
+    monitor = keras_adamp.callbacks.ScaleInvariantNormMonitor(data=(x, y))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert kernel.path in monitor.tracked_paths
+    assert model.layers[-1].kernel.path not in monitor.tracked_paths
