@@ -60,7 +60,7 @@ OPTIMIZERS = {
     "Adamax": (lambda: keras.optimizers.Adamax(0.01), True),
     "Ftrl": (lambda: keras.optimizers.Ftrl(0.1), False),
     "Lamb": (lambda: keras.optimizers.Lamb(0.01), True),
-    "Lion": (lambda: keras.optimizers.Lion(0.0003), True),
+    "Lion": (lambda: keras.optimizers.Lion(0.003), True),
     "Muon": (lambda: keras.optimizers.Muon(0.01), True),
     "Nadam": (lambda: keras.optimizers.Nadam(0.01), True),
     "RMSprop": (lambda: keras.optimizers.RMSprop(0.001, momentum=0.9), True),
