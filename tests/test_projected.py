@@ -6,6 +6,7 @@ reference's agree (see `equivalent`); the wrapper in every compiled mode; the
 errors that say what to do instead; mixed precision, sparse gradients,
 MirroredStrategy, stateless_apply; saving; diagnostics; the short names."""
 
+import contextlib
 import os
 import re
 import subprocess
@@ -371,3 +372,181 @@ def test_diagnostics_and_the_norm_monitor_use_the_wrappers_test():
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
     assert kernel.path in monitor.tracked_paths
     assert model.layers[-1].kernel.path not in monitor.tracked_paths
+
+
+# -- every path of a step ----------------------------------------------------
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch executor's fallback")
+def test_generic_path_on_torch_equals_the_torch_executor(monkeypatch):
+    from keras_adamp import _torch
+
+    wrapped, _, _ = PAIRS["adamw"]
+    fast = run(wrapped(), "eager")
+    monkeypatch.setattr(_torch, "ENABLED", False)
+    generic = run(wrapped(), "eager")
+    for path, a, b in zip(VARIABLES, fast, generic):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TF has no stateless_apply")
+def test_stateless_apply_equals_apply_and_leaves_the_state_alone():
+    wrapped, _, _ = PAIRS["sgd_nesterov"]
+    stateful = run(wrapped(), "eager", steps=3)
+    optimizer = wrapped()
+    variables = make_variables()
+    optimizer.build(variables)
+    start = [ops.convert_to_numpy(v) for v in variables]
+    train = [ops.copy(v.value) for v in variables]
+    opt = [ops.copy(v.value) for v in optimizer.variables]
+    for noise in noise_sequence(3):
+        noise = [ops.convert_to_tensor(r) for r in noise]
+        grads = gradients([ops.stop_gradient(x) for x in train], noise)
+        train, opt = optimizer.stateless_apply(opt, grads, train)
+    for path, a, b in zip(VARIABLES, stateful, train):
+        np.testing.assert_allclose(a, ops.convert_to_numpy(b), rtol=1e-6, err_msg=path)
+    for v, w in zip(variables, start):
+        np.testing.assert_array_equal(ops.convert_to_numpy(v), w)
+    assert int(optimizer.iterations) == 0
+
+
+def test_gradient_accumulation_and_clipping_stay_the_inner_optimizers():
+    # The projection acts on the accumulated step only; clipping happens
+    # before it (the cosine sees the clipped gradient, as the inner does).
+    def make(**kwargs):
+        return Projected(
+            keras.optimizers.AdamW(learning_rate=0.01, weight_decay=0.05, **kwargs)
+        )
+
+    variables = make_variables()
+    optimizer = make(gradient_accumulation_steps=2, clipnorm=0.5)
+    optimizer.build(variables)
+    sequence = noise_sequence(4)
+    from _data import apply
+
+    trajectory = []
+    for noise in sequence:
+        values = [ops.stop_gradient(v.value) for v in variables]
+        noise = [ops.convert_to_tensor(r) for r in noise]
+        apply(optimizer, gradients(values, noise), variables)
+        trajectory.append([ops.convert_to_numpy(v) for v in variables])
+    # Accumulating steps leave the weights alone.
+    for a, b in zip(make_variables(), trajectory[0]):
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), b)
+    np.testing.assert_array_equal(trajectory[1][0] == trajectory[2][0], True)
+    assert int(optimizer.iterations) == 2
+    assert np.max(np.abs(trajectory[3][0] - trajectory[1][0])) > 0
+
+
+# -- mixed precision, sparse gradients, tf.distribute ------------------------
+
+
+@pytest.fixture
+def policy():
+    previous = keras.config.dtype_policy()
+    try:
+        yield keras.config.set_dtype_policy
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def test_mixed_float16_compile_wraps_the_wrapper_in_a_loss_scale_optimizer(policy):
+    from _data import conv_bn_model
+    from _data import digits
+
+    policy("mixed_float16")
+    x, y = digits(256)
+    model = conv_bn_model(logits_dtype="float32")
+    model.compile(
+        optimizer=Projected(
+            keras.optimizers.SGD(learning_rate=0.05, momentum=0.9, weight_decay=1e-3)
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert isinstance(model.optimizer.inner_optimizer, Projected)
+    losses = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
+    # The projection ran: the BatchNorm-followed kernels' norms barely grow.
+    rows = keras_adamp.diagnostics.scale_invariance_report(model, x[:32], y[:32])
+    assert rows[0].scale_invariant
+
+
+def test_loss_scale_optimizer_outside_skips_a_non_finite_step():
+    from _data import apply
+
+    variables = make_variables()
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        Projected(keras.optimizers.AdamW(learning_rate=0.01)), initial_scale=4.0
+    )
+    noise = [ops.convert_to_tensor(r) for r in noise_sequence(1)[0]]
+    grads = gradients([ops.stop_gradient(v.value) for v in variables], noise)
+    start = [ops.convert_to_numpy(v) for v in variables]
+    bad = list(grads)
+    bad[0] = bad[0] * np.inf
+    apply(optimizer, bad, variables)
+    for v, w in zip(variables, start):
+        np.testing.assert_array_equal(ops.convert_to_numpy(v), w)
+    # A finite step: the unscaled gradient reaches the wrapped AdamW.
+    apply(optimizer, [g * 2.0 for g in grads], variables)
+    reference = Projected(keras.optimizers.AdamW(learning_rate=0.01))
+    mirror = make_variables()
+    apply(reference, grads, mirror)
+    for v, w in zip(variables, mirror):
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(v), ops.convert_to_numpy(w), rtol=1e-6
+        )
+
+
+@pytest.mark.tensorflow_only
+def test_sparse_embedding_gradients_train_as_adamp():
+    from test_sparse import data
+    from test_sparse import embedding_model
+
+    x, y = data()
+
+    def fit(optimizer):
+        model = embedding_model()
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    # Plain SGD steps sparse and dense gradients alike (Keras's Adam does
+    # not: its moments see an IndexedSlices' rows only), so SGDP without
+    # momentum is the reference.
+    got = fit(Projected(keras.optimizers.SGD(learning_rate=0.5, weight_decay=1e-3)))
+    want = fit(SGDP(learning_rate=0.5, weight_decay=1e-3))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.tensorflow_only
+def test_mirrored_strategy_on_one_device_equals_no_strategy():
+    import tensorflow as tf
+    from _data import conv_bn_model
+    from _data import digits
+
+    x, y = digits(128)
+
+    def fit(scope):
+        with scope:
+            model = conv_bn_model()
+            model.compile(
+                optimizer=Projected(
+                    keras.optimizers.SGD(
+                        learning_rate=0.05, momentum=0.9, weight_decay=1e-3
+                    )
+                ),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    got = fit(strategy.scope())
+    want = fit(contextlib.nullcontext())
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
