@@ -9,7 +9,7 @@ wrapped in ``keras_adamp.Projected``, and prints the test accuracy and the
 mean norm of the scale-invariant kernels (those the wrapper's test flags on
 one batch, logged by ``keras_adamp.callbacks.ScaleInvariantNormMonitor``)
 at the start and after each epoch. With ``--compare`` the bare Lion trains
-too, from the same initial weights on the same batches: its kernels' norm
+too, from the same initial weights: its kernels' norm
 grows (+32% in the 10 epochs), the wrapped one's stays nearly flat (+0.2%).
 Runs on any Keras backend.
 """
