@@ -122,7 +122,7 @@ def run(optimizer, mode, steps=STEPS):
 
 MODES = {
     "tensorflow": ["eager", "function", "xla"],
-    "jax": ["eager", "jit"],
+    "jax": ["jit"],
     "torch": ["eager"],
 }[BACKEND]
 
@@ -169,9 +169,12 @@ def test_projected_keras_optimizer_follows_its_keras_adamp_counterpart(pair, mod
     wrapped, reference, plain = PAIRS[pair]
     got = run(wrapped(), mode)
     want = run(reference(), mode)
+    for path, g, w in zip(VARIABLES, got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=path)
+    if mode != MODES[0]:
+        return
     unprojected = run(plain(), mode)
     for path, g, w, u in zip(VARIABLES, got, want, unprojected):
-        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=path)
         kind = VARIABLES[path][1]
         if kind is not None:
             # The projection fired: the plain optimizer's weight is elsewhere.
@@ -324,24 +327,41 @@ def test_a_compiled_model_round_trips_through_keras_file_and_resumes_exactly(
     loaded.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(a, b)
-    # And on another backend, in a fresh process.
-    other = "jax" if BACKEND != "jax" else "torch"
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="runs in the TensorFlow pass: saves there, loads on JAX and torch",
+)
+def test_a_saved_wrapped_model_loads_on_the_other_backends(tmp_path):
+    from _data import digits
+
+    x, y = digits(32)
+    model = wrapped_model()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
     script = (
         "import sys, keras, keras_adamp, numpy as np\n"
         "m = keras.saving.load_model(sys.argv[1])\n"
         "assert type(m.optimizer).__name__ == 'Projected', m.optimizer\n"
-        "assert int(m.optimizer.iterations) == 8\n"
-        "np.savez(sys.argv[2], *m.get_weights())\n"
+        "assert int(m.optimizer.iterations) == 2\n"
+        "np.savez(sys.argv[2], *m.get_weights(), *[\n"
+        "    keras.ops.convert_to_numpy(v) for v in m.optimizer.variables])\n"
     )
-    model.save(path)
-    out = str(tmp_path / "weights.npz")
-    env = dict(os.environ, KERAS_BACKEND=other, PYTHONPATH=ROOT)
-    subprocess.run(
-        [sys.executable, "-c", script, path, out], env=env, check=True, timeout=300
-    )
-    with np.load(out) as saved:
-        for i, w in enumerate(model.get_weights()):
-            np.testing.assert_array_equal(saved[f"arr_{i}"], w)
+    want = model.get_weights() + [
+        ops.convert_to_numpy(v) for v in model.optimizer.variables
+    ]
+    for other in ("jax", "torch"):
+        out = str(tmp_path / f"{other}.npz")
+        env = dict(os.environ, KERAS_BACKEND=other, PYTHONPATH=ROOT)
+        subprocess.run(
+            [sys.executable, "-c", script, path, out], env=env, check=True, timeout=300
+        )
+        with np.load(out) as saved:
+            assert len(saved.files) == len(want)
+            for i, w in enumerate(want):
+                np.testing.assert_array_equal(saved[f"arr_{i}"], w, err_msg=other)
 
 
 # -- diagnostics and callbacks -----------------------------------------------
@@ -399,12 +419,19 @@ def test_stateless_apply_equals_apply_and_leaves_the_state_alone():
     start = [ops.convert_to_numpy(v) for v in variables]
     train = [ops.copy(v.value) for v in variables]
     opt = [ops.copy(v.value) for v in optimizer.variables]
+    stateless_apply = optimizer.stateless_apply
+    if BACKEND == "jax":
+        import jax
+
+        stateless_apply = jax.jit(stateless_apply)
     for noise in noise_sequence(3):
         noise = [ops.convert_to_tensor(r) for r in noise]
         grads = gradients([ops.stop_gradient(x) for x in train], noise)
-        train, opt = optimizer.stateless_apply(opt, grads, train)
+        train, opt = stateless_apply(opt, grads, train)
     for path, a, b in zip(VARIABLES, stateful, train):
-        np.testing.assert_allclose(a, ops.convert_to_numpy(b), rtol=1e-6, err_msg=path)
+        np.testing.assert_allclose(
+            a, ops.convert_to_numpy(b), rtol=1e-5, atol=1e-7, err_msg=path
+        )
     for v, w in zip(variables, start):
         np.testing.assert_array_equal(ops.convert_to_numpy(v), w)
     assert int(optimizer.iterations) == 0
@@ -422,13 +449,12 @@ def test_gradient_accumulation_and_clipping_stay_the_inner_optimizers():
     optimizer = make(gradient_accumulation_steps=2, clipnorm=0.5)
     optimizer.build(variables)
     sequence = noise_sequence(4)
-    from _data import apply
-
     trajectory = []
+    apply = applier(optimizer, variables)
     for noise in sequence:
         values = [ops.stop_gradient(v.value) for v in variables]
         noise = [ops.convert_to_tensor(r) for r in noise]
-        apply(optimizer, gradients(values, noise), variables)
+        apply(gradients(values, noise))
         trajectory.append([ops.convert_to_numpy(v) for v in variables])
     # Accumulating steps leave the weights alone.
     for a, b in zip(make_variables(), trajectory[0]):
@@ -436,6 +462,26 @@ def test_gradient_accumulation_and_clipping_stay_the_inner_optimizers():
     np.testing.assert_array_equal(trajectory[1][0] == trajectory[2][0], True)
     assert int(optimizer.iterations) == 2
     assert np.max(np.abs(trajectory[3][0] - trajectory[1][0])) > 0
+
+
+def applier(optimizer, variables):
+    """`apply(grads)`: `optimizer.apply`, on JAX its `stateless_apply` under
+    `jax.jit` (eager JAX compiles op by op), written back."""
+    if BACKEND != "jax":
+        return lambda grads: optimizer.apply(grads, variables)
+    import jax
+
+    optimizer.build(variables)
+    step = jax.jit(optimizer.stateless_apply)
+
+    def apply(grads):
+        train, opt = step(
+            [v.value for v in optimizer.variables], grads, [v.value for v in variables]
+        )
+        for v, value in zip(variables + list(optimizer.variables), train + opt):
+            v.assign(value)
+
+    return apply
 
 
 # -- mixed precision, sparse gradients, tf.distribute ------------------------
@@ -473,8 +519,6 @@ def test_mixed_float16_compile_wraps_the_wrapper_in_a_loss_scale_optimizer(polic
 
 
 def test_loss_scale_optimizer_outside_skips_a_non_finite_step():
-    from _data import apply
-
     variables = make_variables()
     optimizer = keras.optimizers.LossScaleOptimizer(
         Projected(keras.optimizers.AdamW(learning_rate=0.01)), initial_scale=4.0
@@ -482,19 +526,20 @@ def test_loss_scale_optimizer_outside_skips_a_non_finite_step():
     noise = [ops.convert_to_tensor(r) for r in noise_sequence(1)[0]]
     grads = gradients([ops.stop_gradient(v.value) for v in variables], noise)
     start = [ops.convert_to_numpy(v) for v in variables]
+    apply = applier(optimizer, variables)
     bad = list(grads)
     bad[0] = bad[0] * np.inf
-    apply(optimizer, bad, variables)
+    apply(bad)
     for v, w in zip(variables, start):
         np.testing.assert_array_equal(ops.convert_to_numpy(v), w)
     # A finite step: the unscaled gradient reaches the wrapped AdamW.
-    apply(optimizer, [g * 2.0 for g in grads], variables)
+    apply([g * 2.0 for g in grads])  # the scale was halved to 2
     reference = Projected(keras.optimizers.AdamW(learning_rate=0.01))
     mirror = make_variables()
-    apply(reference, grads, mirror)
+    applier(reference, mirror)(grads)
     for v, w in zip(variables, mirror):
         np.testing.assert_allclose(
-            ops.convert_to_numpy(v), ops.convert_to_numpy(w), rtol=1e-6
+            ops.convert_to_numpy(v), ops.convert_to_numpy(w), rtol=1e-5, atol=1e-7
         )
 
 
