@@ -17,11 +17,13 @@ each kernel; here that is done over all variables at once, in place, under
 * each variable's correction, ``w <- w - w_before * c`` with a
   per-channel ``c``, is one ``_foreach_addcmul_`` over all of them.
 
-`step` returns False (the caller runs the generic ``keras.ops`` path) where
-the variables' values are not their own storage (a ``StatelessScope``, an
-autocast scope).
+`step` returns False (the caller runs the generic ``keras.ops`` path) inside
+a ``keras.StatelessScope`` (no variable may change there, and the tensors the
+scope maps them to may be their own storage) and where the variables' values
+are not their own storage (an autocast scope).
 """
 
+import keras
 import torch
 
 from keras_adamp import _torch
@@ -36,7 +38,7 @@ def step(wrapper, original, grads, variables, learning_rate):
     Returns:
         False, having done nothing, where the generic path must run.
     """
-    if not _torch.ENABLED:
+    if not _torch.ENABLED or _in_stateless_scope():
         return False
     values = [v.value for v in variables]
     if not all(_torch._is_storage(x) for x in values):
@@ -93,6 +95,15 @@ def step(wrapper, original, grads, variables, learning_rate):
     return True
 
 
+def _in_stateless_scope():
+    """Whether a ``keras.StatelessScope`` is active (Keras has no public
+    query: a scope entered records the one it nests in)."""
+    probe = keras.StatelessScope(initialize_variables=False)
+    with probe:
+        pass
+    return probe.original_scope is not None
+
+
 def _sums(layout, g, w, w_new):
     """The per-channel ``<g,w>, <g,g>, <w,w>, <w,d>`` with ``d = w_new - w``,
     tensors of ``layout.view``: a float32 `(4, num_channels)` tensor.
@@ -116,27 +127,48 @@ def _sums(layout, g, w, w_new):
             [torch.sum(a * b, dim=layout.reduce_axes) for a, b in _pairs(g, w, d)]
         ).reshape(4, layout.num_channels)
     rows, cols = layout.view
+    if layout.reduce_axes == (0,):
+        return _sums_by_rows(rows, cols, g, w, w_new, low)
     step = max(1, _torch._BLOCK // cols)
     scratch = torch.empty(2, step * cols, dtype=torch.float32)
-    by_rows = layout.reduce_axes == (0,)
-    total = torch.zeros(4, cols if by_rows else rows, dtype=torch.float32)
+    total = torch.zeros(4, rows, dtype=torch.float32)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         d = scratch[0, : (stop - start) * cols].view(stop - start, cols)
         s = scratch[1, : (stop - start) * cols].view(stop - start, cols)
-        gb, wb = g[start:stop], w[start:stop]
+        gb, wb, nb = g[start:stop], w[start:stop], w_new[start:stop]
         if low:
-            gb, wb = gb.float(), wb.float()
-            torch.sub(w_new[start:stop].float(), wb, out=d)
-        else:
-            torch.sub(w_new[start:stop], wb, out=d)
+            gb, wb, nb = gb.float(), wb.float(), nb.float()
+        torch.sub(nb, wb, out=d)
         for k, (a, b) in enumerate(_pairs(gb, wb, d)):
             torch.mul(a, b, out=s)
-            if by_rows:
-                total[k].add_(torch.sum(s, dim=0))
-            else:
-                torch.sum(s, dim=1, out=total[k, start:stop])
+            torch.sum(s, dim=1, out=total[k, start:stop])
     return total
+
+
+# Rows per block of `_sums_by_rows` x channels: the block's operands, its
+# `d` and the four accumulators stay in a core's L2 cache.
+_ROWS_BLOCK = 1 << 15
+
+
+def _sums_by_rows(rows, cols, g, w, w_new, low):
+    """`_sums` of a `(rows, C)` view, summed over rows: each product is
+    added into a block-sized accumulator (one op per pair and block, the
+    product never written apart), and the accumulators are summed once."""
+    step = max(1, _ROWS_BLOCK // cols)
+    acc = torch.zeros(4, min(step, rows), cols, dtype=torch.float32)
+    scratch = torch.empty(step * cols, dtype=torch.float32)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        d = scratch[: (stop - start) * cols].view(stop - start, cols)
+        gb, wb, nb = g[start:stop], w[start:stop], w_new[start:stop]
+        if low:
+            gb, wb, nb = gb.float(), wb.float(), nb.float()
+        torch.sub(nb, wb, out=d)
+        part = acc[:, : stop - start]
+        for k, (a, b) in enumerate(_pairs(gb, wb, d)):
+            part[k].addcmul_(a, b)
+    return acc.sum(dim=1)
 
 
 def _pairs(g, w, d):

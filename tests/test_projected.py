@@ -595,3 +595,68 @@ def test_mirrored_strategy_on_one_device_equals_no_strategy():
     want = fit(contextlib.nullcontext())
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TF has no stateless_apply")
+def test_stateless_apply_on_the_variables_own_values_changes_no_variable():
+    # Lamb runs Keras's generic step on every backend (no torch executor of
+    # Keras's own to write into the mapped tensors).
+    def make():
+        return Projected(keras.optimizers.Lamb(learning_rate=0.01))
+
+    stateful = run(make(), "eager", steps=2)
+    optimizer = make()
+    variables = make_variables()
+    optimizer.build(variables)
+    start = [ops.convert_to_numpy(v) for v in variables]
+    train = [v.value for v in variables]
+    opt = [v.value for v in optimizer.variables]
+    for noise in noise_sequence(2):
+        noise = [ops.convert_to_tensor(r) for r in noise]
+        grads = gradients([ops.stop_gradient(x) for x in train], noise)
+        train, opt = optimizer.stateless_apply(opt, grads, train)
+    for path, a, b in zip(VARIABLES, stateful, train):
+        np.testing.assert_allclose(
+            a, ops.convert_to_numpy(b), rtol=1e-5, atol=1e-7, err_msg=path
+        )
+    for v, w in zip(variables, start):
+        np.testing.assert_array_equal(ops.convert_to_numpy(v), w)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the torch executor's sums")
+@pytest.mark.parametrize(
+    "shape, axes, dtype",
+    [
+        ((3, 3, 256, 80), (3,), "float32"),  # a kernel's (rows, C), in blocks
+        ((700, 200), (0,), "float32"),  # an Embedding's rows: (C, dim)
+        ((600, 256), (1,), "float16"),
+        ((600, 256), (), "float32"),  # the whole tensor as one group
+    ],
+)
+def test_torch_channel_sums_in_blocks_equal_the_plain_sums(shape, axes, dtype):
+    import torch
+
+    from keras_adamp import _torch
+    from keras_adamp import _torch_projected
+    from keras_adamp import layouts
+
+    layout = layouts.ChannelLayout.create(shape, axes)
+    assert layout.numel > _torch._BLOCK  # the blocked path
+    gen = torch.Generator().manual_seed(0)
+    g, w, d = (torch.randn(layout.view, generator=gen) for _ in range(3))
+    g, w, w_new = (x.to(getattr(torch, dtype)) for x in (g, w, w + 0.01 * d))
+    got = _torch_projected._sums(layout, g, w, w_new)
+    g, w, w_new = (x.double() for x in (g, w, w_new))
+    want = torch.stack(
+        [
+            torch.sum(a * b, dim=layout.reduce_axes)
+            for a, b in ((g, w), (g, g), (w, w), (w, w_new - w))
+        ]
+    ).reshape(4, layout.num_channels)
+    scale = torch.sqrt(
+        torch.sum(w * w, dim=layout.reduce_axes)
+        * torch.sum(g * g, dim=layout.reduce_axes)
+    )
+    np.testing.assert_allclose(
+        (got.double() - want).numpy() / scale.numpy(), 0.0, atol=1e-5
+    )
