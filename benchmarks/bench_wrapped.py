@@ -177,6 +177,30 @@ def compare(name, data, epochs, batch):
     return result
 
 
+def commit():
+    """The checkout's commit (with "+changes" if it has uncommitted ones),
+    or None outside a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def table(results):
     lines = [
         "| optimizer | momentum-based | norm growth, bare | wrapped "
@@ -230,6 +254,7 @@ def main(argv=None):
             + " ".join(argv if argv is not None else sys.argv[1:]),
             "backend": keras.backend.backend(),
             "keras": keras.__version__,
+            "commit": commit(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "loadavg_before": load_before,
