@@ -7,8 +7,10 @@ the inner optimizer's own step run untouched and projects what it did to
 each kernel; here that is done over all variables at once, in place, under
 ``torch.no_grad``:
 
-* the weights about to be updated are copied (one buffer of the projected
-  variables' size: the weight before the step is needed after it);
+* the weights about to be updated are copied into buffers kept from step
+  to step (the projected variables' size: the weight before the step is
+  needed after it; kept, because a fresh allocation of that size costs
+  more than the copy, its pages mapped and zeroed anew each step);
 * after the inner's step, the per-channel sums ``<g,w>, <g,g>, <w,w>,
   <w,d>`` (``d`` the inner's update) are taken in row blocks that stay in
   the cache, ``d`` formed block by block, never whole;
@@ -54,7 +56,7 @@ def step(wrapper, original, grads, variables, learning_rate):
             return True
         ks = [k for k, _ in held]
         layouts = [layout for _, layout in held]
-        before = [values[k].clone() for k in ks]
+        before = _snapshot(wrapper, [variables[k] for k in ks], [values[k] for k in ks])
         g = [_torch._dense(grads[k], values[k]) for k in ks]
         rates = [wrapper._decay_rate(variables[k]) for k in ks]
         original(grads, variables, learning_rate)
@@ -93,6 +95,27 @@ def step(wrapper, original, grads, variables, learning_rate):
                     a.view(view).float() + before[n].view(view).float() * factors[n]
                 )
     return True
+
+
+def _snapshot(wrapper, variables, values):
+    """Copies of `values`, in buffers kept from step to step: a fresh
+    parameter-sized allocation each step would be mapped and its pages
+    zeroed anew by the allocator (large blocks go back to the system)."""
+    buffers = wrapper.__dict__.setdefault("_torch_snapshots", {})
+    out = []
+    for variable, value in zip(variables, values):
+        key = wrapper._get_variable_index(variable)
+        buffer = buffers.get(key)
+        if (
+            buffer is None
+            or buffer.shape != value.shape
+            or buffer.dtype != value.dtype
+            or buffer.device != value.device
+        ):
+            buffer = buffers[key] = torch.empty_like(value)
+        out.append(buffer)
+    torch._foreach_copy_(out, values)
+    return out
 
 
 def _in_stateless_scope():
