@@ -25,7 +25,6 @@ scope maps them to may be their own storage) and where the variables' values
 are not their own storage (an autocast scope).
 """
 
-import keras
 import torch
 
 from keras_adamp import _torch
@@ -40,7 +39,7 @@ def step(wrapper, original, grads, variables, learning_rate):
     Returns:
         False, having done nothing, where the generic path must run.
     """
-    if not _torch.ENABLED or _in_stateless_scope():
+    if not _torch.ENABLED or _torch.in_stateless_scope():
         return False
     values = [v.value for v in variables]
     if not all(_torch._is_storage(x) for x in values):
@@ -116,15 +115,6 @@ def _snapshot(wrapper, variables, values):
         out.append(buffer)
     torch._foreach_copy_(out, values)
     return out
-
-
-def _in_stateless_scope():
-    """Whether a ``keras.StatelessScope`` is active (Keras has no public
-    query: a scope entered records the one it nests in)."""
-    probe = keras.StatelessScope(initialize_variables=False)
-    with probe:
-        pass
-    return probe.original_scope is not None
 
 
 def _sums(layout, g, w, w_new):
