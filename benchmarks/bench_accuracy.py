@@ -39,7 +39,7 @@ a step orthogonal to `w``).
     python benchmarks/bench_accuracy.py --quick --out /tmp/acc   # <= 60 s smoke run
     python benchmarks/bench_accuracy.py --data ~/cifar10   # ResNet-20, CIFAR-10
 
-Writes DIR/results.json and one PNG per model (norms, effective step size,
+Writes DIR/results.json, DIR/summary.md (the tables) and one PNG per model (norms, effective step size,
 test accuracy against training time) under --out. Needs the `bench` extra:
 `pip install '.[bench]'` (mnist1d, matplotlib; tqdm for the progress bar is
 optional). Run from the repository root.
@@ -95,7 +95,7 @@ def parse_args(argv=None):
         "--quick", action="store_true", help="a tiny run of the whole pipeline"
     )
     parser.add_argument("--data", help="folder (or .npz) with CIFAR-10 arrays")
-    parser.add_argument("--epochs", type=int, help="default 30 (CIFAR-10: 30)")
+    parser.add_argument("--epochs", type=int, help="default 15")
     parser.add_argument("--seeds", type=int, help="seed runs per optimizer, default 5")
     parser.add_argument(
         "--batch",
@@ -490,6 +490,9 @@ def summarize(model_runs, groups):
             lr=runs["lr"],
             time_s=statistics.fmean(r["epochs"]["train_s"][-1] for r in runs["seeds"]),
             final_norm=statistics.fmean(r["epochs"]["norm"][-1] for r in runs["seeds"]),
+            compile_s=statistics.fmean(
+                r["compile_s"] for r in runs["search"] + runs["seeds"] if r["compile_s"]
+            ),
         )
     comparisons = []
     for group in groups:
@@ -520,6 +523,48 @@ def print_table(model_name, table, comparisons):
             f"{100 * c['std']:.2f} points (95% CI ±{100 * c['ci95']:.2f}: "
             f"0 is {verdict})"
         )
+
+
+def markdown(result):
+    """The tables of a run's JSON, in Markdown (the docs page quotes them)."""
+    lines = []
+    groups = result["settings"]["groups"]
+    for model_name, res in result["results"].items():
+        table, comparisons = summarize(res["runs"], groups)
+        lines += [
+            f"**{model_name}**",
+            "",
+            (
+                "| optimizer | chosen lr (of the grid) | test accuracy, mean ± std "
+                "(n) | final kernel norm | training time per run | compilation |"
+            ),
+            "|---|---|---|---|---|---|",
+        ]
+        grids = result["settings"]["grids"]
+        for name, row in table.items():
+            grid = ", ".join(f"{g:g}" for g in grids[name])
+            lines.append(
+                f"| {name} | {row['lr']:g} ({grid}) | {100 * row['mean']:.2f} ± "
+                f"{100 * row['std']:.2f} % ({row['n']}) | {row['final_norm']:.3g} "
+                f"| {row['time_s']:.1f} s | {row['compile_s']:.1f} s |"
+            )
+        lines += [
+            "",
+            (
+                "| pair | per-seed difference (points) | mean ± std | 95% interval "
+                "of the mean | 0 inside? |"
+            ),
+            "|---|---|---|---|---|",
+        ]
+        for c in comparisons:
+            diffs = ", ".join(f"{100 * d:+.1f}" for d in c["diffs"])
+            lines.append(
+                f"| {c['optimizer']} − {c['baseline']} | {diffs} | "
+                f"{100 * c['mean']:+.2f} ± {100 * c['std']:.2f} | "
+                f"±{100 * c['ci95']:.2f} | {'yes' if c['inside'] else 'no'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(model_name, model_runs, path):
@@ -597,7 +642,7 @@ def plan(args):
             )
         groups = [g for g in PAIRS if set(g) <= set(wanted)] or [tuple(wanted)]
     names = list(dict.fromkeys(n for g in groups for n in g))
-    epochs, seeds, grid = args.epochs or 30, args.seeds or 5, None
+    epochs, seeds, grid = args.epochs or 15, args.seeds or 5, None
     if args.quick:
         # One rate, and a one-block ResNet: compilation is most of the time.
         epochs, seeds, grid = args.epochs or 2, args.seeds or 2, 1
@@ -697,7 +742,9 @@ def main(args):
     path = os.path.join(args.out, "results.json")
     with open(path, "w") as f:
         json.dump(result, f, separators=(",", ":"))
-    print(f"\nwall time {wall:.0f} s; wrote {path} and the figures", flush=True)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(markdown(result))
+    print(f"\nwall time {wall:.0f} s; wrote {path}, summary.md and the figures")
     return result
 
 
