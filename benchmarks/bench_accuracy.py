@@ -36,6 +36,7 @@ a step orthogonal to `w``).
 
     python benchmarks/bench_accuracy.py                 # default run (see --help)
     python benchmarks/bench_accuracy.py --all           # every pair, both models
+    python benchmarks/bench_accuracy.py --model transformer_ln   # the LayerNorm model
     python benchmarks/bench_accuracy.py --quick --out /tmp/acc   # <= 60 s smoke run
     python benchmarks/bench_accuracy.py --data ~/cifar10   # ResNet-20, CIFAR-10
 
@@ -94,6 +95,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--quick", action="store_true", help="a tiny run of the whole pipeline"
     )
+    parser.add_argument(
+        "--model",
+        choices=["resnet1d_bn", "transformer_ln"],
+        help="the MNIST-1D model (default resnet1d_bn; --all: both)",
+    )
     parser.add_argument("--data", help="folder (or .npz) with CIFAR-10 arrays")
     parser.add_argument("--epochs", type=int, help="default 15")
     parser.add_argument("--seeds", type=int, help="seed runs per optimizer, default 5")
@@ -103,6 +109,12 @@ def parse_args(argv=None):
         default=100,
         help="default 100: it divides MNIST-1D's 3,600/4,000 training and "
         "400/1,000 evaluation signals, so one shape compiles",
+    )
+    parser.add_argument(
+        "--grid",
+        help="comma-separated learning rates for every optimizer of the run "
+        "instead of their grids (one rate: no search, e.g. to compare a pair at "
+        "the same rate)",
     )
     parser.add_argument(
         "--optimizers",
@@ -307,6 +319,10 @@ def resnet20_cifar(classes=10):
 
 
 MODELS = {"resnet1d_bn": resnet1d, "transformer_ln": patch_transformer}
+QUICK_MODELS = {
+    "resnet1d_bn": lambda: resnet1d(widths=(8,)),
+    "transformer_ln": lambda: patch_transformer(dim=16, depth=1, heads=2),
+}
 
 # ---------------------------------------------------------------------- data
 
@@ -582,7 +598,8 @@ def plot(model_name, model_runs, path):
             return np.mean([r["epochs"][key] for r in seeds], axis=0)
 
         epochs = np.arange(1, len(seeds[0]["epochs"]["norm"]) + 1)
-        axes[0].plot(epochs, mean_of("norm"), **style)
+        initial = np.mean([r["initial_norm"] for r in seeds])
+        axes[0].plot(np.r_[0, epochs], np.r_[initial, mean_of("norm")], **style)
         axes[1].plot(epochs, mean_of("effective_step"), **style)
         axes[2].plot(mean_of("train_s"), 100 * mean_of("acc"), **style)
     axes[0].set(xlabel="epoch", ylabel="mean kernel norm ||w||")
@@ -631,6 +648,8 @@ def plan(args):
         data = cifar10_data(args.data)
     else:
         models = dict(MODELS) if args.all else {"resnet1d_bn": resnet1d}
+        if args.model:
+            models = {args.model: MODELS[args.model]}
         data = mnist1d_data()
     groups = PAIRS if args.all else DEFAULT_PAIRS
     if args.optimizers:
@@ -644,10 +663,10 @@ def plan(args):
     names = list(dict.fromkeys(n for g in groups for n in g))
     epochs, seeds, grid = args.epochs or 15, args.seeds or 5, None
     if args.quick:
-        # One rate, and a one-block ResNet: compilation is most of the time.
+        # One rate, and smaller models: compilation is most of the time.
         epochs, seeds, grid = args.epochs or 2, args.seeds or 2, 1
         name, build = next(iter(models.items()))
-        models = {name: build if args.data else lambda: resnet1d(widths=(8,))}
+        models = {name: build if args.data else QUICK_MODELS[name]}
         groups, names = groups[:1], list(groups[0])
         x, y, xt, yt = data
         data = (x[:1000], y[:1000], xt[:200], yt[:200])
@@ -664,6 +683,8 @@ def main(args):
     search_data = (x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:])
     test_data = (x, y, x_test, y_test)
     grids = {n: OPTIMIZERS[n][0][:grid] if grid else OPTIMIZERS[n][0] for n in names}
+    if args.grid:
+        grids = {n: tuple(float(v) for v in args.grid.split(",")) for n in names}
     total = len(models) * sum(len(g) + seeds for g in grids.values())
     print(
         f"{len(models)} model(s) x {len(names)} optimizers, {epochs} epochs, "
