@@ -146,6 +146,12 @@ SGD_WD = SGDP_WD / (1 - MOMENTUM)  # the decoupled decay that SGDP applies
 LION_WD = 0.1
 
 
+def _layouts(model):
+    # Each kernel's output channels from its layer: attention and EinsumDense
+    # kernels can't be told apart by shape.
+    return dict(channel_axes=keras_adamp.channel_axes_for(model))
+
+
 def _spherical(model):
     return dict(
         spherical=keras_adamp.normalized_kernels(model),
@@ -159,7 +165,10 @@ OPTIMIZERS = {
         ADAM_LRS,
         lambda lr, m: keras.optimizers.AdamW(lr, weight_decay=ADAM_WD, epsilon=1e-8),
     ),
-    "AdamP": (ADAM_LRS, lambda lr, m: keras_adamp.AdamP(lr, weight_decay=ADAM_WD)),
+    "AdamP": (
+        ADAM_LRS,
+        lambda lr, m: keras_adamp.AdamP(lr, weight_decay=ADAM_WD, **_layouts(m)),
+    ),
     "SGD-Nesterov": (
         SGD_LRS,
         lambda lr, m: keras.optimizers.SGD(
@@ -169,7 +178,7 @@ OPTIMIZERS = {
     "SGDP": (
         SGD_LRS,
         lambda lr, m: keras_adamp.SGDP(
-            lr, momentum=MOMENTUM, nesterov=True, weight_decay=SGDP_WD
+            lr, momentum=MOMENTUM, nesterov=True, weight_decay=SGDP_WD, **_layouts(m)
         ),
     ),
     "AdamS": (
@@ -203,7 +212,7 @@ if hasattr(keras_adamp, "Projected"):
     OPTIMIZERS["Projected(Lion)"] = (
         LION_LRS,
         lambda lr, m: keras_adamp.Projected(
-            keras.optimizers.Lion(lr, weight_decay=LION_WD)
+            keras.optimizers.Lion(lr, weight_decay=LION_WD), **_layouts(m)
         ),
     )
     PAIRS.append(("Lion", "Projected(Lion)"))
@@ -248,18 +257,6 @@ class RandomShift(layers.Layer):
         return ops.take_along_axis(x, index, axis=1)
 
 
-class PositionEmbedding(layers.Layer):
-    """Adds a learned vector per position."""
-
-    def build(self, input_shape):
-        self.embeddings = self.add_weight(
-            shape=tuple(input_shape[1:]), initializer="random_normal"
-        )
-
-    def call(self, x):
-        return x + self.embeddings
-
-
 def resnet1d(length=40, classes=10, widths=(16, 32, 64)):
     """A 1-D ResNet: a Conv1D stem, then one basic block per width (stride 2
     from the second), every Conv1D bias-free and followed by BatchNorm
@@ -294,7 +291,12 @@ def patch_transformer(length=40, classes=10, patch=4, dim=64, depth=2, heads=4):
     inputs = keras.Input((length,))
     x = layers.Reshape((tokens, patch))(RandomShift(3)(inputs))
     x = layers.LayerNormalization()(layers.Dense(dim, use_bias=False)(x))
-    x = PositionEmbedding()(x)
+    # A learned vector per position (a Keras Embedding, whose layout the
+    # package knows).
+    positions = layers.Lambda(
+        lambda t: ops.zeros_like(t[..., 0], dtype="int32") + ops.arange(tokens)
+    )(x)
+    x = layers.Add()([x, layers.Embedding(tokens, dim)(positions)])
     for _ in range(depth):
         h = layers.LayerNormalization()(x)
         h = layers.MultiHeadAttention(heads, dim // heads)(h, h)
