@@ -12,7 +12,8 @@ The protocol, the same for every optimizer:
 
 1. Learning-rate search: one run per rate of the optimizer's grid, trained on
    the training set less a validation split (its last 10%), scored on that
-   split. The rate with the best final validation accuracy is chosen.
+   split. The rate with the best final validation accuracy is chosen (the
+   smaller one on a tie).
 2. Seeds: runs with seeds 0, 1, ... at the chosen rate, trained on the whole
    training set and scored on the test set. A seed fixes the initial weights,
    the batch order and the augmentation, so both members of a pair start from
@@ -28,11 +29,11 @@ Adam/AdamS/AdamSRT group is Keras's Adam with that same decoupled decay, that
 is AdamW: the group reuses AdamW's runs.
 
 Each seed run records, per epoch, the test accuracy, the training time so far
-(compile included) and, from `keras_adamp.callbacks.ScaleInvariantNormMonitor`
+(compilation timed apart) and, from `keras_adamp.callbacks.ScaleInvariantNormMonitor`
 on the kernels that `keras_adamp.normalized_kernels` finds (conv kernels before
 BatchNorm, bias-free dense kernels before LayerNorm), their mean norm and
 effective step size (the change of `w / ||w||` per step, ~ ||dw|| / ||w|| for
-a step orthogonal to `w``).
+a step orthogonal to `w`).
 
     python benchmarks/bench_accuracy.py                 # default run (see --help)
     python benchmarks/bench_accuracy.py --all           # every pair, both models
@@ -40,8 +41,8 @@ a step orthogonal to `w``).
     python benchmarks/bench_accuracy.py --quick --out /tmp/acc   # <= 60 s smoke run
     python benchmarks/bench_accuracy.py --data ~/cifar10   # ResNet-20, CIFAR-10
 
-Writes DIR/results.json, DIR/summary.md (the tables) and one PNG per model (norms, effective step size,
-test accuracy against training time) under --out. Needs the `bench` extra:
+Writes DIR/results.json, DIR/summary.md (the tables) and one PNG per model
+(norms, effective step size, test accuracy against training time) under --out. Needs the `bench` extra:
 `pip install '.[bench]'` (mnist1d, matplotlib; tqdm for the progress bar is
 optional). Run from the repository root.
 """
