@@ -234,7 +234,8 @@ def scale_invariance_report(model, x, y, optimizer=None, loss=None, gradients=No
         x: One training batch's inputs.
         y: Its targets.
         optimizer: An ``AdamP``/``SGDP``/``Projected`` (default:
-            ``model.optimizer`` if it is one). Its ``delta``, ``epsilon`` and layouts (``channel_layout``,
+            ``model.optimizer`` if it is one). Its ``delta``, ``epsilon``
+            (``Projected``'s ``eps``) and layouts (``channel_layout``,
             hence any ``channel_axes`` override) are used; for another
             optimizer, or None, the defaults (delta 0.1, eps 1e-8, the default
             layout rules).

@@ -252,7 +252,8 @@ def static_rule_is_a_guess(shape, path):
     factors (:data:`LORA_NAMES`), and a rank 3-5 ``kernel`` that looks like
     a Conv's (spatial extents <= 32, a last axis longer than 1, no word in
     its path that names a transposed, depthwise, attention or EinsumDense
-    layer), or a depthwise one (last axis 1, "depthwise" in its path). Everything else is a guess: custom variables of rank >= 3, a
+    layer), or a depthwise one (last axis 1, "depthwise" in its path).
+    Everything else is a guess: custom variables of rank >= 3, a
     ``kernel`` of rank > 5, shapes a Conv cannot have, rank-3 EinsumDense-like
     kernels, and a 1-filter Conv read as depthwise.
     """
