@@ -180,7 +180,9 @@ class SphericalOptimizer(StepOptimizer):
             self.spherical = _paths_regex(
                 [v for v, m in zip(var_list, mask) if m], var_list
             )
-        resolved = layouts.resolve_channel_axes(var_list, self.channel_axes)
+        resolved = layouts.resolve_channel_axes(
+            var_list, self.channel_axes, owner=type(self).__name__, grouped=mask
+        )
         plan_layouts = []
         for variable, designated, layout in zip(var_list, mask, resolved):
             # A zero-size variable has no group to move on a sphere: its

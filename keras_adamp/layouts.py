@@ -319,7 +319,9 @@ def validate_channel_axes(channel_axes):
     return clean
 
 
-def resolve_channel_axes(variables, channel_axes=None, warn=True, owner=None):
+def resolve_channel_axes(
+    variables, channel_axes=None, warn=True, owner=None, grouped=None
+):
     """The layout of each variable: the override if a pattern matches, else
     :func:`default_channel_axes`.
 
@@ -331,6 +333,10 @@ def resolve_channel_axes(variables, channel_axes=None, warn=True, owner=None):
             never projected.
         warn: Emit the warnings below (one of each kind at most).
         owner: Who asks (e.g. an optimizer's class name), for the warnings.
+        grouped: Per variable, whether its grouping is used (default: all
+            are). A guessed grouping is warned about only where it is: the
+            spherical optimizers step the variables they do not designate as
+            plain SGD/Adam, whatever their layout.
 
     Returns:
         A list with, per variable, a :class:`ChannelLayout` or None (rank <= 1,
@@ -355,7 +361,7 @@ def resolve_channel_axes(variables, channel_axes=None, warn=True, owner=None):
     used = set()
     guessed = []
     layouts = []
-    for variable in variables:
+    for index, variable in enumerate(variables):
         shape = tuple(variable.shape)
         path = variable_path(variable)
         if len(shape) <= 1 or is_bias(path.split("/")[-1]):
@@ -370,7 +376,8 @@ def resolve_channel_axes(variables, channel_axes=None, warn=True, owner=None):
         if axes is None:
             axes = default_channel_axes(shape, path.split("/")[-1])
             # (A zero-size variable is never projected: nothing to guess.)
-            if math.prod(shape) and static_rule_is_a_guess(shape, path):
+            used_here = grouped is None or grouped[index]
+            if used_here and math.prod(shape) and static_rule_is_a_guess(shape, path):
                 guessed.append(f"'{path}' {shape} -> axes {axes}")
         try:
             layout = ChannelLayout.create(shape, axes)

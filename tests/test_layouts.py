@@ -511,3 +511,27 @@ def test_channel_layout_through_a_loss_scale_optimizer():
     scaled.build(model.trainable_variables)
     layout = layouts.channel_layout(scaled, model.get_layer("up").kernel)
     assert layout.channel_axes == (2,) and layout.num_channels == 4
+
+
+@not_on_jax
+@pytest.mark.parametrize("cls", [keras_adamp.AdamS, keras_adamp.SGDMRT])
+def test_spherical_optimizers_warn_only_about_kernels_they_designate(cls):
+    # The spherical optimizers step a variable they do not designate as plain
+    # Adam/SGD: its grouping is unused, and a guessed one is no reason to warn.
+    model = zoo()
+    paths = zoo_paths(model)
+    conv = f"^{re.escape(paths['conv'])}$"
+    messages = _build_warnings(
+        cls(learning_rate=0.01, spherical=conv), model.trainable_variables
+    )
+    assert not [m for m in messages if "guessed" in m], messages
+    # Designating a kernel whose grouping is guessed still warns, naming it.
+    query = f"^{re.escape(paths['query'])}$"
+    messages = _build_warnings(
+        cls(learning_rate=0.01, spherical=f"{conv}|{query}"),
+        model.trainable_variables,
+    )
+    guessed = [m for m in messages if "guessed" in m]
+    assert len(guessed) == 1 and f"'{paths['query']}'" in guessed[0], messages
+    assert f"'{paths['transpose']}'" not in guessed[0]
+    assert guessed[0].startswith(cls.__name__)
