@@ -29,6 +29,7 @@ accumulators each step.
 import keras
 import numpy as np
 import pytest
+from _data import apply
 from _data import digits
 from keras import ops
 
@@ -194,22 +195,6 @@ def net():
         torch.set_num_threads(threads)
 
 
-def _apply(optimizer, grads, variables):
-    """One step, statelessly on JAX (as Keras's own wrapper tests do there)."""
-    if keras.backend.backend() != "jax":
-        optimizer.apply(grads, variables)
-        return
-    if not optimizer.built:
-        optimizer.build(variables)
-    new_vars, new_opt_vars = optimizer.stateless_apply(
-        [v.value for v in optimizer.variables], grads, [v.value for v in variables]
-    )
-    for v, value in zip(variables, new_vars):
-        v.assign(value)
-    for v, value in zip(optimizer.variables, new_opt_vars):
-        v.assign(value)
-
-
 def _numpy(variables):
     return [ops.convert_to_numpy(v) for v in variables]
 
@@ -278,7 +263,7 @@ def _train_unwrapped(name, net):
     for x, y in batches:
         grads = grads_of(x, y)
         before = _numpy(variables)
-        _apply(optimizer, grads, variables)
+        apply(optimizer, grads, variables)
         for v, w, after in zip(variables, before, _numpy(variables)):
             if len(v.shape) == 4:
                 dw = after - w * (1 - lr * _decay(optimizer, v))
@@ -312,10 +297,10 @@ def _train_wrapped(name, net, steps):
             _decision(w, ops.convert_to_numpy(g), _layout(v)) if w.ndim > 1 else 0
             for v, w, g in zip(variables, before, grads)
         ]
-        _apply(wrapped, grads, variables)
+        apply(wrapped, grads, variables)
         after = _numpy(variables)
         if step < SHADOW_STEPS:
-            _apply(bare, grads, shadow)
+            apply(bare, grads, shadow)
         for i, (v, decision) in enumerate(zip(variables, decisions)):
             if decision != projection.NOT_PROJECTED:
                 diverged.add(i)
