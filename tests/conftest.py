@@ -23,6 +23,19 @@ def oracle():
     return torch, adamp
 
 
+@pytest.fixture
+def policy():
+    """Sets a global dtype policy for one test (`policy("mixed_float16")`),
+    and always restores the previous one."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    try:
+        yield keras.config.set_dtype_policy
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 # marker -> the one backend its tests need, and why the others can't run them.
 BACKEND_MARKERS = {
     "tensorflow_only": (

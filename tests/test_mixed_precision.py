@@ -22,16 +22,6 @@ OPTIMIZERS = {
 }
 
 
-@pytest.fixture
-def policy():
-    """Sets a global dtype policy for one test, and always restores it."""
-    previous = keras.config.dtype_policy()
-    try:
-        yield keras.config.set_dtype_policy
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 @pytest.mark.parametrize("policy_name", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
 def test_mixed_precision_fit_trains_a_batchnorm_cnn(

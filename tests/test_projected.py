@@ -500,15 +500,6 @@ def applier(optimizer, variables):
 # -- mixed precision, sparse gradients, tf.distribute ------------------------
 
 
-@pytest.fixture
-def policy():
-    previous = keras.config.dtype_policy()
-    try:
-        yield keras.config.set_dtype_policy
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 def test_mixed_float16_compile_wraps_the_wrapper_in_a_loss_scale_optimizer(policy):
     from _data import conv_bn_model
     from _data import digits
