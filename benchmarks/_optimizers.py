@@ -104,21 +104,27 @@ def pairs(names):
     return result
 
 
-def ours(module, designated):
+def ours(module, designated, delta=None):
     """name -> factory of one of the optimizers of keras_adamp `module`;
-    `designated()` gives the spherical optimizers' variables."""
+    `designated()` gives the spherical optimizers' variables; `delta`, if
+    given, the projecting optimizers' cosine threshold."""
+    test = {} if delta is None else {"delta": delta}
     return {
         "AdamP": lambda: module.AdamP(
-            learning_rate=LR_ADAM, weight_decay=WEIGHT_DECAY_ADAM
+            learning_rate=LR_ADAM, weight_decay=WEIGHT_DECAY_ADAM, **test
         ),
         "SGDP": lambda: module.SGDP(
             learning_rate=LR_SGD,
             momentum=MOMENTUM,
             nesterov=True,
             weight_decay=WEIGHT_DECAY_SGD,
+            **test,
         ),
         "SGDP-plain": lambda: module.SGDP(
-            learning_rate=LR_SGD, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY_SGD
+            learning_rate=LR_SGD,
+            momentum=MOMENTUM,
+            weight_decay=WEIGHT_DECAY_SGD,
+            **test,
         ),
         "AdamS": lambda: module.AdamS(learning_rate=LR_ADAM, spherical=designated()),
         "AdamSRT": lambda: module.AdamSRT(
@@ -157,16 +163,24 @@ def keras_factories():
     }
 
 
-def factory(name, designated, other=None):
+#: The cosine threshold `--all-pass` gives the projecting optimizers: every
+#: kernel passes the test, as in a network whose kernels all feed a
+#: normalization (the random gradients of `_variables.make_data` pass on few).
+ALL_PASS = 1e9
+
+
+def factory(name, designated, other=None, delta=None):
     """A factory of the named optimizer (from the keras_adamp module `other`
-    for a name ending in "@base")."""
+    for a name ending in "@base"); `delta`, if given, the cosine threshold of
+    the projecting ones."""
     if name.endswith("@base"):
-        return ours(other, designated)[name[: -len("@base")]]
+        return ours(other, designated, delta)[name[: -len("@base")]]
     if name in BASES:
-        return ours(_keras_adamp(), designated)[name]
+        return ours(_keras_adamp(), designated, delta)[name]
     if name in WRAPPED:
         inner = keras_factories()[WRAPPED[name]]
-        return lambda: _keras_adamp().Projected(inner())
+        test = {} if delta is None else {"delta": delta}
+        return lambda: _keras_adamp().Projected(inner(), **test)
     return keras_factories()[name]
 
 

@@ -273,16 +273,7 @@ def _decide(layouts, sums, delta, wd_ratio, eps):
     channels = int(owners.shape[0])
     # One layer column per variable: the sum of its channel sums.
     cols = torch.cat(sums + [s.sum(dim=1, keepdim=True) for s in sums], dim=1)
-    norm_w = torch.sqrt(cols[2])
-    # |cos(g, w)|, each norm clamped below at eps (torch's cosine_similarity)
-    cos = cols[0].abs() / (torch.sqrt(cols[1]).clamp_min(eps) * norm_w.clamp_min(eps))
-    passes = cos < thresholds
-    # channel_wise: no channel of the variable fails (differences of a
-    # running count of failing channels, exact in int64).
-    fails = torch.cumsum(torch.logical_not(passes[:channels]).long(), 0)
-    fails = torch.cat([fails.new_zeros(1), fails])
-    channel_wise = fails[ends[1:]] == fails[ends[:-1]]
-    layer_wise = passes[channels:]
+    channel_wise, layer_wise, norm_w = _passing(cols, thresholds, ends, channels, eps)
     coefs = cols[3] / torch.square(norm_w + eps)
     # coef = channel coef if channel_wise else (layer coef if layer_wise else 0)
     layer = torch.where(
@@ -298,6 +289,40 @@ def _decide(layouts, sums, delta, wd_ratio, eps):
         torch.ones_like(layer),
     )
     return coef, ratio, owners, sizes
+
+
+def _passing(cols, thresholds, ends, channels, eps):
+    """Which views pass the cosine test, from the columns of
+    ``<g,w>, <g,g>, <w,w>`` (rows 0-2 of `cols`: every variable's channels,
+    then one column per variable for its whole tensor).
+
+    Returns:
+        ``(channel_wise, layer_wise, norm_w)``: per variable, whether every
+        channel passes, whether the whole tensor does (bool `(V,)`); per
+        column ``||w||``.
+    """
+    norm_w = torch.sqrt(cols[2])
+    # |cos(g, w)|, each norm clamped below at eps (torch's cosine_similarity)
+    cos = cols[0].abs() / (torch.sqrt(cols[1]).clamp_min(eps) * norm_w.clamp_min(eps))
+    passes = cos < thresholds
+    # channel_wise: no channel of the variable fails (differences of a
+    # running count of failing channels, exact in int64).
+    fails = torch.cumsum(torch.logical_not(passes[:channels]).long(), 0)
+    fails = torch.cat([fails.new_zeros(1), fails])
+    channel_wise = fails[ends[1:]] == fails[ends[:-1]]
+    return channel_wise, passes[channels:], norm_w
+
+
+def _tests(layouts, sums, delta, eps):
+    """`_decide`'s test alone, from per variable its float32 `(3, C)`
+    ``<g,w>, <g,g>, <w,w>``: ``(channel_wise, layer_wise)``, bool `(V,)`."""
+    device = sums[0].device
+    owners, thresholds, ends, _ = _decision_constants(tuple(layouts), delta, device)
+    cols = torch.cat(sums + [s.sum(dim=1, keepdim=True) for s in sums], dim=1)
+    channel_wise, layer_wise, _ = _passing(
+        cols, thresholds, ends, int(owners.shape[0]), eps
+    )
+    return channel_wise, layer_wise
 
 
 def _decay_rates(optimizer, variables, rate):
