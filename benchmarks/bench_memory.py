@@ -129,7 +129,8 @@ def child(args):
     else:
         variables, designated = _variables.keras_variables(specs, weights)
         marks["variables"] = rss_bytes()
-        optimizer = opt.factory(args.optimizer, designated)()
+        delta = opt.ALL_PASS if args.all_pass else None
+        optimizer = opt.factory(args.optimizer, designated, delta=delta)()
         optimizer.build(variables)
         marks["built"] = rss_bytes()
         # Traced (TF) or compiled (JAX) ahead; XLA on TF compiles in step 1.
@@ -195,6 +196,12 @@ def parse_args(argv=None):
         action="store_true",
         help="leave glibc's mmap threshold as it is (see the docstring)",
     )
+    parser.add_argument(
+        "--all-pass",
+        action="store_true",
+        help="every kernel passes the projection's cosine test (as "
+        "bench_step.py's --all-pass)",
+    )
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument(
         "--summary", metavar="JSON", help="print the summary of a written JSON"
@@ -225,7 +232,7 @@ def run_one(args, backend, mode, name):
     cmd = [sys.executable, os.path.abspath(__file__), "--child"]
     cmd += ["--backend", backend, "--mode", mode, "--optimizer", name]
     cmd += ["--kernels", str(args.kernels), "--size", str(args.size)]
-    cmd += ["--steps", str(args.steps)]
+    cmd += ["--steps", str(args.steps)] + (["--all-pass"] if args.all_pass else [])
     env = dict(os.environ)
     if not args.default_malloc:
         # A fixed threshold: every buffer over 1 MiB is its own mapping,
@@ -248,6 +255,7 @@ def main(args):
         "size": args.size,
         "steps": args.steps,
         "repeat": args.repeat,
+        "all_pass": args.all_pass,
         "parameter_mib": 4 * args.kernels * args.size**2 / 2**20,
         "definition": "extra = (VmHWM over the steps - VmRSS before them, "
         "with variables, slots, gradients and the traced (JAX: compiled) step) "

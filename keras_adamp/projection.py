@@ -77,7 +77,7 @@ def _reshaped(x, shape):
     return ops.reshape(x, shape)
 
 
-def _channel_sums(w, g, u, layout):
+def _channel_sums(w, g, u, layout, blocks=True):
     """Per-channel <g,w>, <g,g>, <w,w> and, if `u` is given, <w,u>, stacked into
     one `(3 or 4, num_channels)` tensor, for tensors of the variable's shape
     or of `layout.view`.
@@ -95,9 +95,11 @@ def _channel_sums(w, g, u, layout):
     through a library kernel that cannot fuse the product into its input, so
     ``sum(a * b, axis=0)`` writes the product out and reads it back). Same
     sums, added in a different order. (Stacking the pairs' block sums into
-    one loop, or more than 4 blocks, measured slower.)
+    one loop, or more than 4 blocks, measured slower.) The blocks' sums are
+    buffers of `4 / k` times the variable's size (XLA on CPU materialises
+    each block's products too); `blocks=False` reduces directly.
     """
-    k = _block_count(layout)
+    k = _block_count(layout) if blocks else 1
     if k == 1:
         w, g, u = (None if x is None else layout.to_view(x) for x in (w, g, u))
     else:
@@ -314,10 +316,11 @@ def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
     return layout.per_element(coef), ratio
 
 
-def channel_sums(w, g, u, layout):
+def channel_sums(w, g, u, layout, blocks=True):
     """The per-channel <g,w>, <g,g>, <w,w>, <w,u> of one variable, `(4, C)`
-    (float32 for 16-bit `u`): all :func:`coefficients` needs of it."""
-    return _channel_sums(*_in_float32(u.dtype, w, g, u), layout)
+    (float32 for 16-bit `u`): all :func:`coefficients` needs of it
+    (`blocks`: as :func:`_channel_sums`)."""
+    return _channel_sums(*_in_float32(u.dtype, w, g, u), layout, blocks)
 
 
 def coefficients(layouts, sums, delta, wd_ratio, eps):

@@ -682,3 +682,37 @@ def test_the_inner_optimizers_weight_decay_exclusions_are_honoured():
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=path)
     # The exclusion mattered: the excluded kernel is elsewhere with decay.
     assert np.max(np.abs(got[1] - decayed[1])) > 1e-4
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="XLA's buffer assignment on JAX")
+@pytest.mark.parametrize("inner", ["AdamW", "SGD", "Lion"])
+def test_the_compiled_steps_temporaries_are_the_inners_and_one_parameters_size(inner):
+    # The weight before the inner's update is needed after it: one
+    # parameters' size on top of what the inner's own step holds, no more.
+    import jax
+
+    shapes = [(256, 256)] * 4
+    parameter_bytes = sum(4 * a * b for a, b in shapes)
+
+    def temporaries(optimizer):
+        rng = np.random.default_rng(0)
+        variables = [
+            keras.Variable(rng.normal(size=s).astype("float32"), name=f"k{i}_kernel")
+            for i, s in enumerate(shapes)
+        ]
+        optimizer.build(variables)
+        grads = [
+            ops.convert_to_tensor(rng.normal(size=s).astype("float32")) for s in shapes
+        ]
+        step = jax.jit(optimizer.stateless_apply, donate_argnums=(0, 2))
+        compiled = step.lower(
+            [ops.copy(v.value) for v in optimizer.variables],
+            grads,
+            [ops.copy(v.value) for v in variables],
+        ).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    make = getattr(keras.optimizers, inner)
+    bare = temporaries(make(learning_rate=1e-3))
+    wrapped = temporaries(Projected(make(learning_rate=1e-3)))
+    assert wrapped <= bare + 1.05 * parameter_bytes, (wrapped, bare)
