@@ -17,8 +17,9 @@ Two orders:
   copied and corrected, and where Keras's executor steps each variable
   alone, the inner runs one kernel at a time;
 * elsewhere (`_step_on_device`), where reading a decision would wait for
-  the device, every kernel is copied and corrected (by 0 where no view
-  passes), the decisions made together on the device.
+  the device (or break a torch.compile graph), every kernel is copied and
+  corrected (by 0 where no view passes), the decisions made together on
+  the device.
 
 `step` returns False (the caller runs the generic ``keras.ops`` path) inside
 a ``keras.StatelessScope`` (no variable may change there, and the tensors the
@@ -53,7 +54,11 @@ def step(wrapper, original, grads, variables, learning_rate):
     with torch.no_grad():
         if not held:
             original(grads, variables, learning_rate)
-        elif HOST_DECISIONS and all(values[k].device.type == "cpu" for k, _ in held):
+        elif (
+            HOST_DECISIONS
+            and not torch.compiler.is_compiling()
+            and all(values[k].device.type == "cpu" for k, _ in held)
+        ):
             _step_on_host(
                 wrapper, original, grads, variables, values, held, learning_rate
             )

@@ -162,3 +162,25 @@ def test_the_executors_stepped_one_variable_at_a_time_step_each_alone():
             results.append([keras.ops.convert_to_numpy(v) for v in variables])
         same = all(np.array_equal(a, b) for a, b in zip(*results))
         assert same is alone, name
+
+
+def test_torch_compile_takes_the_eager_step():
+    # Under torch.compile the device order runs (no decision read on the
+    # host, which would break the graph).
+    from _data import conv_bn_model
+    from _data import digits
+
+    x, y = digits(192)
+    results = []
+    for jit_compile in (False, True):
+        model = conv_bn_model(0)
+        model.compile(
+            optimizer=Projected(keras.optimizers.Lion(learning_rate=1e-3)),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit_compile,
+        )
+        model.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0)
+        assert model.jit_compile is jit_compile
+        results.append(model.get_weights())
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
