@@ -241,9 +241,10 @@ class StepOptimizer(keras.optimizers.Optimizer):
         if _torch is None or not _torch.in_stateless_scope():
             super()._apply_weight_decay(variables)
             return
+        learning_rate = self.learning_rate
         for variable in variables:
             if self._decays(variable):
-                lr = ops.cast(self.learning_rate, variable.dtype)
+                lr = ops.cast(learning_rate, variable.dtype)
                 wd = ops.cast(self.weight_decay, variable.dtype)
                 variable.assign(variable - variable * wd * lr)
 

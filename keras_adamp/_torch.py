@@ -157,65 +157,102 @@ def _per_channel(c, layout):
 
 def _sums(layout, pairs):
     """The per-channel sums of ``a * b`` for each pair of tensors of
-    ``layout.view``: a float32 `(len(pairs), num_channels)` tensor (16-bit
-    operands are summed in float32, as the generic path does).
+    ``layout.view``: a float32 `(len(pairs), num_channels)` tensor (see
+    `_channel_sums`)."""
+    tensors, index = [], {}
+    for pair in pairs:
+        for x in pair:
+            if id(x) not in index:
+                index[id(x)] = len(tensors)
+                tensors.append(x)
+    at = [(index[id(a)], index[id(b)]) for a, b in pairs]
 
-    On the CPU the two-axis views (a kernel's `(rows, C)`, an Embedding's
-    `(C, dim)`, a whole tensor's `(numel, 1)`) are taken in row blocks whose
-    products stay in the cache; elsewhere (GPUs; under torch.compile, which
-    fuses the product into the reduction) and for views of more axes, as
-    ``sum(a * b)`` over the view's reduce axes.
+    def products(blocks, scratch):
+        return [(blocks[i], blocks[j]) for i, j in at]
+
+    return _channel_sums(layout, tensors, products, len(pairs))
+
+
+def _channel_sums(layout, tensors, products, count, copy=None):
+    """Per-channel sums of the `count` products that `products(blocks,
+    scratch)` forms from `tensors` (of `layout.view`): a float32
+    `(count, num_channels)` tensor (16-bit operands summed in float32).
+
+    On the CPU the two-axis views are taken in row blocks that stay in the
+    cache, each operand read from memory once (`scratch`, a block-sized
+    float32 buffer, holds a block's difference where `products` forms one);
+    elsewhere as ``sum(a * b)`` over the view's reduce axes.
+
+    `copy`, if given, receives a copy of the last tensor (made block by
+    block, where its blocks are read).
     """
-    a0 = pairs[0][0]
-    low = a0.dtype in _LOW_PRECISION
+    low = tensors[0].dtype in _LOW_PRECISION
     blocked = (
-        a0.device.type == "cpu"
+        tensors[0].device.type == "cpu"
         and len(layout.view) == 2
         and layout.numel > _BLOCK
         and not torch.compiler.is_compiling()
     )
+    rows_blocked = blocked and layout.reduce_axes == (0,)
+    if copy is not None and not rows_blocked:
+        copy.copy_(tensors[-1])
     if not blocked:
-        out = []
-        for a, b in pairs:
-            if low:
-                a, b = a.float(), b.float()
-            out.append(torch.sum(a * b, dim=layout.reduce_axes))
-        return torch.stack(out).reshape(len(pairs), layout.num_channels)
+        if low:
+            tensors = [t.float() for t in tensors]
+        return torch.stack(
+            [
+                torch.sum(a * b, dim=layout.reduce_axes)
+                for a, b in products(tensors, None)
+            ]
+        ).reshape(count, layout.num_channels)
     rows, cols = layout.view
+    if rows_blocked:  # a kernel's (rows, C); the whole tensor's (numel, 1)
+        return _sums_by_rows(rows, cols, tensors, products, count, low, copy)
+    # Each row a channel (an Embedding's `(C, dim)`).
     step = max(1, _BLOCK // cols)
-    scratch = torch.empty(step * cols, dtype=torch.float32)
-    if layout.reduce_axes == (0,):
-        if cols == 1:  # the whole tensor as one group: a dot product each
-            return torch.stack(
-                [
-                    torch.dot(a.reshape(-1).float(), b.reshape(-1).float())
-                    if low
-                    else torch.dot(a.reshape(-1), b.reshape(-1))
-                    for a, b in pairs
-                ]
-            ).reshape(len(pairs), 1)
-        total = torch.zeros(len(pairs), cols, dtype=torch.float32)
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
-            s = scratch[: (stop - start) * cols].view(stop - start, cols)
-            for k, (a, b) in enumerate(pairs):
-                a, b = a[start:stop], b[start:stop]
-                if low:
-                    a, b = a.float(), b.float()
-                torch.mul(a, b, out=s)
-                total[k].add_(torch.sum(s, dim=0))
-        return total
-    total = torch.empty(len(pairs), rows, dtype=torch.float32)
+    scratch = torch.empty(2, step * cols, dtype=torch.float32)
+    total = torch.empty(count, rows, dtype=torch.float32)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        s = scratch[: (stop - start) * cols].view(stop - start, cols)
-        for k, (a, b) in enumerate(pairs):
-            a, b = a[start:stop], b[start:stop]
-            if low:
-                a, b = a.float(), b.float()
+        d = scratch[0, : (stop - start) * cols].view(stop - start, cols)
+        s = scratch[1, : (stop - start) * cols].view(stop - start, cols)
+        blocks = [t[start:stop] for t in tensors]
+        if low:
+            blocks = [b.float() for b in blocks]
+        for k, (a, b) in enumerate(products(blocks, d)):
             torch.mul(a, b, out=s)
             torch.sum(s, dim=1, out=total[k, start:stop])
     return total
+
+
+# Rows per block of `_sums_by_rows` x channels: the block's operands, its
+# difference and the accumulators stay in a core's L2 cache.
+_ROWS_BLOCK = 1 << 16
+
+
+def _sums_by_rows(rows, cols, tensors, products, count, low, copy):
+    """`_channel_sums` of `(rows, C)` views, summed over rows: each product
+    is added into a block-sized accumulator (one op per product and block,
+    the product never written apart), and the accumulators are summed
+    once."""
+    step = max(1, _ROWS_BLOCK // cols)
+    acc = torch.zeros(count, min(step, rows), cols, dtype=torch.float32)
+    scratch = torch.empty(step, cols, dtype=torch.float32)
+    blocks = [t.split(step) for t in tensors]
+    copies = copy.split(step) if copy is not None else None
+    for n, block in enumerate(zip(*blocks)):
+        if copies is not None:
+            copies[n].copy_(block[-1])
+        size = block[0].shape[0]
+        if low:
+            block = [b.float() for b in block]
+        if size == step:
+            part, d = acc, scratch
+        else:
+            part, d = acc[:, :size], scratch[:size]
+        for k, (a, b) in enumerate(products(block, d)):
+            part[k].addcmul_(a, b)
+    return acc.sum(dim=1)
 
 
 # -- the projection's decision (AdamP, SGDP) --------------------------------

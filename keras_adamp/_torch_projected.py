@@ -122,7 +122,6 @@ def _step_on_host(wrapper, original, grads, variables, values, held, learning_ra
     """
     state = wrapper.__dict__.setdefault("_torch_state", {})
     guesses = state.setdefault(("passed", wrapper.delta, wrapper.eps), {})
-    lr = _torch._scalar(learning_rate, torch.device("cpu"))
     one_by_one = _per_variable(wrapper.inner_optimizer)
     if one_by_one:
         chosen = {k for k, _ in held}
@@ -142,7 +141,7 @@ def _step_on_host(wrapper, original, grads, variables, values, held, learning_ra
     for k, layout in held:
         key = wrapper._get_variable_index(variables[k])
         copy = buffer(k, key) if guesses.get(key, True) else None
-        sums = _channel_sums(
+        sums = _torch._channel_sums(
             layout,
             (
                 _torch._dense(grads[k], values[k]).view(layout.view),
@@ -163,64 +162,84 @@ def _step_on_host(wrapper, original, grads, variables, values, held, learning_ra
         if copy is None:
             copy = buffer(k, key)
             copy.copy_(values[k])
-        entry = (variables[k], layout, sums[2], channel_wise, copy)
+        entry = (variables[k], layout, sums, copy)
         if one_by_one:
             original([grads[k]], [variables[k]], learning_rate)
-            _correct(wrapper, *entry, lr)
+            _correct(wrapper, *entry, learning_rate)
         else:
             pending.append(entry)
     if not one_by_one:
         original(grads, variables, learning_rate)
         for entry in pending:
-            _correct(wrapper, *entry, lr)
+            _correct(wrapper, *entry, learning_rate)
 
 
 def _test(state, layout, sums, delta, eps):
-    """`keras_adamp._torch._passing`'s test of one variable, in the same
-    float32 ops, from its `(3, C)` ``<g,w>, <g,g>, <w,w>``: whether every
-    channel passes, whether the whole tensor does (Python bools)."""
-    key = ("thresholds", layout, delta)
-    thresholds = state.get(key)
-    if thresholds is None:
-        _, thresholds, _, _ = _torch._decision_constants((layout,), delta, sums.device)
-        state[key] = thresholds
+    """`keras_adamp._torch`'s test of one variable from its `(3, C)`
+    ``<g,w>, <g,g>, <w,w>``: whether every channel passes, whether the
+    whole tensor does (Python bools)."""
+    key = ("constants", layout, delta)
+    if key not in state:
+        _, thresholds, ends, _ = _torch._decision_constants(
+            (layout,), delta, sums.device
+        )
+        state[key] = thresholds, ends
     cols = torch.cat([sums, sums.sum(dim=1, keepdim=True)], dim=1)
-    cos = cols[0].abs() / (
-        torch.sqrt(cols[1]).clamp_min(eps) * torch.sqrt(cols[2]).clamp_min(eps)
+    channel_wise, layer_wise, _ = _torch._passing(
+        cols, *state[key], layout.num_channels, eps
     )
-    passes = cos < thresholds
-    channels = layout.num_channels
-    return bool(passes[:channels].all()), bool(passes[channels])
+    return bool(channel_wise), bool(layer_wise)
 
 
-def _correct(wrapper, variable, layout, norms, channel_wise, w_before, lr):
-    """Removes from `variable` the radial part of the inner's update, `w_before`
-    its value before it, and gives back part of the inner's decay."""
+def _correct(wrapper, variable, layout, before, w_before, learning_rate):
+    """Corrects `variable` after the inner's step (`w_before` its value
+    before it, `before` its sums then)."""
     w_before = w_before.view(layout.view)
     w_after = variable.value.view(layout.view)
-    coef = _coefficients(layout, norms, w_before, w_after, channel_wise, wrapper.eps)
-    rate = wrapper._decay_rate(variable)
-    if rate:
+    wd = _torch._channel_sums(layout, (w_before, w_after), _products_after, 1)
+    (factor,) = _factors(
+        wrapper,
+        [layout],
+        [torch.cat([before, wd])],
+        [wrapper._decay_rate(variable)],
+        learning_rate,
+    )
+    _apply([w_after], [w_before], [factor])
+
+
+def _factors(wrapper, layouts, sums, rates, learning_rate):
+    """Per variable, the per-channel factor `c` of its correction ``w <- w -
+    w_before * c``, from its `(4, C)` ``<g,w>, <g,g>, <w,w>, <w,d>`` and the
+    rate of the decay the inner applied to it (0.0 for none): the radial
+    part of `d` where a view passes, and part of the decay given back."""
+    coef, ratio, owners, sizes = _torch._decide(
+        layouts, sums, wrapper.delta, wrapper.wd_ratio, wrapper.eps
+    )
+    if any(rates):
         # The inner decayed w by (1 - decay); projected weights get
         # (1 - decay * wd_ratio): w * decay (1 - wd_ratio) / (1 - decay) back.
-        decay = lr * rate
-        coef = coef - decay * (1.0 - wrapper.wd_ratio) / (1.0 - decay)
-    factor = _torch._per_channel(-coef, layout)
-    if w_after.dtype in _torch._LOW_PRECISION:
-        w_after.copy_(w_after.float() + w_before.float() * factor)
-    else:
-        w_after.addcmul_(w_before, factor)
+        lr = _torch._scalar(learning_rate, coef.device)
+        decay = lr * torch.tensor(rates, dtype=torch.float32, device=coef.device)
+        coef = coef - (decay * (1.0 - ratio) / (1.0 - decay))[owners]
+    return [
+        _torch._per_channel(-c, layout)
+        for c, layout in zip(torch.split(coef, list(sizes)), layouts)
+    ]
 
 
-def _coefficients(layout, norms, w, w_new, channel_wise, eps):
-    """Per channel ``<w,d> / (||w|| + eps)^2``, ``d = w_new - w``, of the
-    view that passed (the channels, or the whole tensor for all of them);
-    `norms` the channels' ``<w,w>``."""
-    (wd,) = _channel_sums(layout, (w, w_new), _products_after, 1)
-    if channel_wise:
-        return wd / torch.square(torch.sqrt(norms) + eps)
-    whole = wd.sum() / torch.square(torch.sqrt(norms.sum()) + eps)
-    return whole.expand(layout.num_channels)
+def _apply(after, before, factors):
+    """``after <- after + before * factor`` per variable, in place (16-bit
+    variables computed in float32)."""
+    full = [n for n, a in enumerate(after) if a.dtype not in _torch._LOW_PRECISION]
+    if full:
+        torch._foreach_addcmul_(
+            [after[n] for n in full],
+            [before[n] for n in full],
+            [factors[n] for n in full],
+        )
+    for a, b, factor in zip(after, before, factors):
+        if a.dtype in _torch._LOW_PRECISION:
+            a.copy_(a.float() + b.float() * factor)
 
 
 def _products_before(blocks, scratch):
@@ -252,7 +271,7 @@ def _step_on_device(wrapper, original, grads, variables, values, held, learning_
     original(grads, variables, learning_rate)
     after = [variables[k].value for k in ks]
     sums = [
-        _channel_sums(
+        _torch._channel_sums(
             layout,
             (gk.view(layout.view), b.view(layout.view), a.view(layout.view)),
             _products_all,
@@ -261,37 +280,17 @@ def _step_on_device(wrapper, original, grads, variables, values, held, learning_
         for layout, gk, b, a in zip(layouts, g, before, after)
     ]
     del g
-    coef, ratio, owners, sizes = _torch._decide(
-        layouts, sums, wrapper.delta, wrapper.wd_ratio, wrapper.eps
+    factors = _factors(wrapper, layouts, sums, rates, learning_rate)
+    _apply(
+        [a.view(layout.view) for a, layout in zip(after, layouts)],
+        [b.view(layout.view) for b, layout in zip(before, layouts)],
+        factors,
     )
-    if any(rates):
-        # As in `_step_on_host`: part of the inner's decay given back.
-        lr = _torch._scalar(learning_rate, coef.device)
-        decay = lr * torch.tensor(rates, dtype=torch.float32, device=coef.device)
-        coef = coef - (decay * (1.0 - ratio) / (1.0 - decay))[owners]
-    factors = [
-        _torch._per_channel(-c, layout)
-        for c, layout in zip(torch.split(coef, list(sizes)), layouts)
-    ]
-    full = [n for n, a in enumerate(after) if a.dtype not in _torch._LOW_PRECISION]
-    if full:
-        torch._foreach_addcmul_(
-            [after[n].view(layouts[n].view) for n in full],
-            [before[n].view(layouts[n].view) for n in full],
-            [factors[n] for n in full],
-        )
-    for n, a in enumerate(after):
-        if a.dtype in _torch._LOW_PRECISION:
-            view = layouts[n].view
-            a.view(view).copy_(
-                a.view(view).float() + before[n].view(view).float() * factors[n]
-            )
 
 
 def _products_all(blocks, scratch):
     g, w, w_new = blocks
-    d = w_new - w if scratch is None else torch.sub(w_new, w, out=scratch)
-    return ((g, w), (g, g), (w, w), (w, d))
+    return _products_before((g, w), scratch) + _products_after((w, w_new), scratch)
 
 
 def _buffer(state, value, key=None, reserve=0):
@@ -317,103 +316,3 @@ def _buffer(state, value, key=None, reserve=0):
     ):
         buffer = state[("own", key)] = torch.empty_like(value)
     return buffer
-
-
-def _channel_sums(layout, tensors, products, count, copy=None):
-    """Per-channel sums of the `count` products that `products(blocks,
-    scratch)` forms from `tensors` (of `layout.view`): a float32
-    `(count, num_channels)` tensor (16-bit operands summed in float32).
-
-    On the CPU the two-axis views are taken in row blocks that stay in the
-    cache, each operand read from memory once (`scratch`, a block-sized
-    float32 buffer, holds a block's difference where `products` forms one);
-    elsewhere as ``sum(a * b)`` over the view's reduce axes.
-
-    `copy`, if given, receives a copy of the last tensor (made block by
-    block, where its blocks are read).
-    """
-    low = tensors[0].dtype in _torch._LOW_PRECISION
-    blocked = (
-        tensors[0].device.type == "cpu"
-        and len(layout.view) == 2
-        and layout.numel > _torch._BLOCK
-        and not torch.compiler.is_compiling()
-    )
-    rows_blocked = blocked and layout.reduce_axes == (0,) and layout.view[1] > 1
-    if copy is not None and not rows_blocked:
-        copy.copy_(tensors[-1])
-    if not blocked:
-        if low:
-            tensors = [t.float() for t in tensors]
-        return torch.stack(
-            [
-                torch.sum(a * b, dim=layout.reduce_axes)
-                for a, b in products(tensors, None)
-            ]
-        ).reshape(count, layout.num_channels)
-    rows, cols = layout.view
-    if layout.reduce_axes == (0,) and cols == 1:  # the whole tensor, one group
-        return _sums_of_whole([t.reshape(-1) for t in tensors], products, count, low)
-    if rows_blocked:
-        return _sums_by_rows(rows, cols, tensors, products, count, low, copy)
-    # Each row a channel (an Embedding's `(C, dim)`).
-    step = max(1, _torch._BLOCK // cols)
-    scratch = torch.empty(2, step * cols, dtype=torch.float32)
-    total = torch.empty(count, rows, dtype=torch.float32)
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        d = scratch[0, : (stop - start) * cols].view(stop - start, cols)
-        s = scratch[1, : (stop - start) * cols].view(stop - start, cols)
-        blocks = [t[start:stop] for t in tensors]
-        if low:
-            blocks = [b.float() for b in blocks]
-        for k, (a, b) in enumerate(products(blocks, d)):
-            torch.mul(a, b, out=s)
-            torch.sum(s, dim=1, out=total[k, start:stop])
-    return total
-
-
-def _sums_of_whole(tensors, products, count, low):
-    """`_channel_sums` of flat tensors, one group: dot products of blocks."""
-    step = _torch._BLOCK
-    scratch = torch.empty(step, dtype=torch.float32)
-    total = torch.zeros(count, 1, dtype=torch.float32)
-    size = tensors[0].numel()
-    for start in range(0, size, step):
-        stop = min(size, start + step)
-        blocks = [t[start:stop] for t in tensors]
-        if low:
-            blocks = [b.float() for b in blocks]
-        for k, (a, b) in enumerate(products(blocks, scratch[: stop - start])):
-            total[k, 0] += torch.dot(a, b)
-    return total
-
-
-# Rows per block of `_sums_by_rows` x channels: the block's operands, its
-# difference and the accumulators stay in a core's L2 cache.
-_ROWS_BLOCK = 1 << 16
-
-
-def _sums_by_rows(rows, cols, tensors, products, count, low, copy):
-    """`_channel_sums` of `(rows, C)` views, summed over rows: each product
-    is added into a block-sized accumulator (one op per product and block,
-    the product never written apart), and the accumulators are summed
-    once."""
-    step = max(1, _ROWS_BLOCK // cols)
-    acc = torch.zeros(count, min(step, rows), cols, dtype=torch.float32)
-    scratch = torch.empty(step, cols, dtype=torch.float32)
-    blocks = [t.split(step) for t in tensors]
-    copies = copy.split(step) if copy is not None else None
-    for n, block in enumerate(zip(*blocks)):
-        if copies is not None:
-            copies[n].copy_(block[-1])
-        size = block[0].shape[0]
-        if low:
-            block = [b.float() for b in block]
-        if size == step:
-            part, d = acc, scratch
-        else:
-            part, d = acc[:, :size], scratch[:size]
-        for k, (a, b) in enumerate(products(block, d)):
-            part[k].addcmul_(a, b)
-    return acc.sum(dim=1)
