@@ -715,9 +715,11 @@ def main(args):
     n_val = len(x) // 10
     search_data = (x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:])
     test_data = (x, y, x_test, y_test)
-    grids = {n: OPTIMIZERS[n][0][:grid] if grid else OPTIMIZERS[n][0] for n in names}
     if args.grid:
-        grids = {n: tuple(float(v) for v in args.grid.split(",")) for n in names}
+        rates = tuple(float(v) for v in args.grid.split(","))
+        grids = {n: rates for n in names}
+    else:
+        grids = {n: OPTIMIZERS[n][0][:grid] for n in names}
     total = len(models) * sum(len(g) + seeds for g in grids.values())
     print(
         f"{len(models)} model(s) x {len(names)} optimizers, {epochs} epochs, "

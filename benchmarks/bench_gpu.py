@@ -59,7 +59,6 @@ MIXED = {
     "jax": "mixed_bfloat16",
     "torch": "mixed_float16",
 }
-PAIRS = (("AdamP", "AdamW"), ("SGDP", "SGD"))
 
 
 def train_plan(backend, smoke, mixed):
@@ -211,20 +210,20 @@ def train_config(args, batch, policy, jit, names, rounds, steps, warmup):
     finally:
         keras.config.set_dtype_policy("float32")
     medians = {n: 1e3 * statistics.median(t) for n, t in times.items()}
-    ratios = {
-        f"{a}/{b}": medians[a] / medians[b]
-        for a, b in PAIRS
-        if a in medians and b in medians
-    }
-    first_ratios = {
-        f"{a}/{b}": first[a] / first[b] for a, b in PAIRS if a in first and b in first
-    }
+
+    def ratios(values):
+        return {
+            f"{a}/{b}": values[a] / values[b]
+            for a, b in bench_train.PAIRS
+            if a in values and b in values
+        }
+
     return {
         "median_ms": medians,
         "times_ms": {n: [1e3 * v for v in t] for n, t in times.items()},
-        "ratios": ratios,
+        "ratios": ratios(medians),
         "first_call_s": first,
-        "first_call_ratios": first_ratios,
+        "first_call_ratios": ratios(first),
         "loadavg": loadavg(),
     }
 

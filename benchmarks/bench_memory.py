@@ -75,6 +75,8 @@ MODES = {
     "jax": ("xla",),
     "torch": ("eager", "eager-nograd", "official"),
 }
+#: glibc's mmap threshold each child runs with (unless --default-malloc).
+MMAP_THRESHOLD = str(2**20)
 
 
 def _status_bytes(field):
@@ -240,7 +242,7 @@ def run_one(args, backend, mode, name):
         # follows the live buffers (glibc's default threshold grows to 32
         # MiB once such a buffer is freed, and the heap then keeps and
         # reuses freed 16 MiB buffers: the figure would depend on history).
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
     lines, error = run_tagged(cmd, args.timeout, env)
     if "RESULT" in lines:
         return lines["RESULT"][-1]
@@ -262,7 +264,7 @@ def main(args):
         "/ parameter bytes; one process per configuration",
         "malloc": "default"
         if args.default_malloc
-        else os.environ.get("MALLOC_MMAP_THRESHOLD_", str(2**20)),
+        else os.environ.get("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD),
         "runs": [],
         "extra": {},
         "later_steps_extra": {},

@@ -96,7 +96,6 @@ MODES = {
     "jax": ("xla",),
     "torch": ("eager", "eager-nograd"),
 }
-OURS = ("AdamP", "SGDP", "SGDP-plain", "AdamS", "AdamSRT", "SGDMRT")
 
 
 def parse_args(argv=None):
@@ -109,11 +108,10 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--optimizers",
-        default=",".join(OURS),
-        help="comma-separated, of " + ", ".join(OURS) + " (each brings its "
-        "Keras base), the bases themselves (AdamW, SGD, SGD-plain, Adam, Lion) "
-        "and Projected(AdamW), Projected(SGD), Projected(Lion) ('Projected': "
-        "all three); default: ours",
+        default=",".join(opt.BASES),
+        help=f"comma-separated, of {', '.join(opt.BASES)} (each brings its "
+        f"Keras base), the bases themselves ({', '.join(opt.KERAS)}) and "
+        f"{', '.join(opt.WRAPPED)} ('Projected': all three); default: ours",
     )
     parser.add_argument(
         "--modes",
@@ -244,10 +242,10 @@ def keras_group(names, specs, weights, grads, mode):
     scope = strategy.scope if strategy else None
     steppers, sizes, slots = {}, {}, {}
     grads = backend_tensors(grads)
+    delta = opt.ALL_PASS if ARGS is not None and ARGS.all_pass else None
     for name in names:
         variables, designated = _variables.keras_variables(specs, weights, scope)
         with scope() if scope else contextlib.nullcontext():
-            delta = opt.ALL_PASS if ARGS is not None and ARGS.all_pass else None
             optimizer = opt.factory(name, designated, OTHER, delta)()
             optimizer.build(variables)
         slots[name] = _variables.slot_report(optimizer, variables)

@@ -27,15 +27,18 @@ Run from the repository root (or with keras_adamp importable).
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _common import loadavg
+from _common import machine
+from _common import select_backend
+from _common import write_json
+
+# $KERAS_BACKEND's backend (no flag of its own; without it, TensorFlow).
+select_backend(os.environ.get("KERAS_BACKEND", "tensorflow"))
 
 import keras
 import numpy as np
@@ -177,30 +180,6 @@ def compare(name, data, epochs, batch):
     return result
 
 
-def commit():
-    """The checkout's commit (with "+changes" if it has uncommitted ones),
-    or None outside a git checkout."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(
-            ["git", "-C", root, "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if dirty else "")
-
-
 def table(results):
     lines = [
         "| optimizer | momentum-based | norm growth, bare | wrapped "
@@ -235,7 +214,7 @@ def main(argv=None):
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (the first epoch compiles)")
     data = digits()
-    load_before = os.getloadavg()
+    where = machine()  # load average at the start
     t0 = time.perf_counter()
     results = {}
     for name in names:
@@ -248,26 +227,18 @@ def main(argv=None):
             flush=True,
         )
     print(table(results))
-    if args.json:
-        record = {
-            "command": "python benchmarks/bench_wrapped.py "
-            + " ".join(argv if argv is not None else sys.argv[1:]),
-            "backend": keras.backend.backend(),
-            "keras": keras.__version__,
-            "commit": commit(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-            "wall_seconds": time.perf_counter() - t0,
-            "epochs": args.epochs,
-            "batch": args.batch,
-            "results": results,
-        }
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
-            f.write("\n")
-        print(f"wrote {args.json}")
+    record = {
+        "command": "python benchmarks/bench_wrapped.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        # Keras, the backend, the CPU, the keras_adamp commit, the load.
+        "machine": dict(where, loadavg_end=loadavg()),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "wall_seconds": time.perf_counter() - t0,
+        "epochs": args.epochs,
+        "batch": args.batch,
+        "results": results,
+    }
+    write_json(args.json, record)
     return results
 
 

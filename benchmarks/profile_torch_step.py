@@ -1,7 +1,8 @@
 """Where the torch executor's SGDP and SGDMRT steps spend their time.
 
 On the trainable variables of `keras.applications.ResNet50(weights=None)`
-(fixed random weights and gradients, as `bench_step.py`), times in CPU
+(the fixed random weights and gradients and the hyperparameters of
+`bench_step.py`: `_variables.py`, `_optimizers.py`), times in CPU
 seconds of this process (less sensitive to other processes' load than wall
 time), interleaved round by round, medians:
 
@@ -21,49 +22,29 @@ Run from the repository root (or with keras_adamp importable).
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 import warnings
 
-os.environ["KERAS_BACKEND"] = "torch"
-# This checkout's keras_adamp, unless one is on PYTHONPATH.
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import format_load
+from _common import loadavg
+from _common import select_backend
 
-import keras
-import numpy as np
+select_backend("torch")
+
+import _optimizers
+import _variables
 import torch
+from _steps import backend_tensors
 
-import keras_adamp
 from keras_adamp import _torch
 
 # The layouts are guessed from these shapes (the variables carry no layer):
 # the warning saying so is noise here.
 warnings.filterwarnings("ignore", message=".*output channels of .* guessed")
 
-
-def variables_and_grads():
-    model = keras.applications.ResNet50(weights=None)
-    designated = keras_adamp.normalized_kernels(model)
-    rng = np.random.default_rng(0)
-    shapes = [(v.path, tuple(v.shape)) for v in model.trainable_variables]
-    del model
-    keras.backend.clear_session()
-    weights = [rng.normal(0, 0.05, s).astype("float32") for _, s in shapes]
-    grads = [rng.normal(0, 1e-3, s).astype("float32") for _, s in shapes]
-    names = [path.replace("/", "__") for path, _ in shapes]
-    return names, weights, grads, designated.replace("/", "__")
-
-
-def optimizers(designated):
-    sgd = {"learning_rate": 0.1, "momentum": 0.9}
-    return {
-        "SGDP": lambda: keras_adamp.SGDP(nesterov=True, weight_decay=1e-4, **sgd),
-        "SGD": lambda: keras.optimizers.SGD(nesterov=True, weight_decay=1e-4, **sgd),
-        "SGDMRT": lambda: keras_adamp.SGDMRT(l2=1e-4, spherical=designated, **sgd),
-        "SGD-plain": lambda: keras.optimizers.SGD(weight_decay=1e-4, **sgd),
-    }
+#: Ours and their Keras bases, with bench_step.py's hyperparameters.
+NAMES = ("SGDP", "SGD", "SGDMRT", "SGD-plain")
 
 
 def main():
@@ -72,12 +53,13 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    names, weights, grads, designated = variables_and_grads()
-    grads = [torch.from_numpy(g) for g in grads]
+    specs = _variables.model_specs("resnet50")
+    weights, grads = _variables.make_data(specs)
+    grads = backend_tensors(grads)
     runs, phases = {}, {}
-    for name, make in optimizers(designated).items():
-        variables = [keras.Variable(w, name=n) for n, w in zip(names, weights)]
-        optimizer = make()
+    for name in NAMES:
+        variables, designated = _variables.keras_variables(specs, weights)
+        optimizer = _optimizers.factory(name, designated)()
         optimizer.build(variables)
 
         def run(optimizer=optimizer, variables=variables, name=name):
@@ -122,7 +104,7 @@ def main():
                 print(f"  {attr:22s} {1e3 * seconds / args.rounds:7.1f} ms CPU")
     print(f"SGDP/SGD {median['SGDP'] / median['SGD']:.2f}")
     print(f"SGDMRT/SGD-plain {median['SGDMRT'] / median['SGD-plain']:.2f}")
-    print("load", " ".join(f"{x:.1f}" for x in os.getloadavg()))
+    print("load", format_load(loadavg()))
 
 
 if __name__ == "__main__":
