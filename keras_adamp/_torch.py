@@ -261,11 +261,11 @@ def _sums_by_rows(rows, cols, tensors, products, count, low, copy):
 def _cached(make, *key):
     """`make(*key)`, kept for the next steps. (Not functools.lru_cache:
     torch.compile traces through it with a warning.)"""
-    entry = _CACHE.get(key)
+    entry = _CACHE.get((make, *key))
     if entry is None:
-        if len(_CACHE) > 64:
+        if len(_CACHE) > 512:
             _CACHE.clear()
-        entry = _CACHE[key] = make(*key)
+        entry = _CACHE[(make, *key)] = make(*key)
     return entry
 
 
@@ -306,7 +306,9 @@ def _decide(layouts, sums, delta, wd_ratio, eps):
         factor, `wd_ratio` if projected else 1, float32 `(V,)`.
     """
     device = sums[0].device
-    owners, thresholds, ends, sizes = _decision_constants(tuple(layouts), delta, device)
+    owners, thresholds, ends, sizes = _cached(
+        _decision_constants, tuple(layouts), delta, device
+    )
     channels = int(owners.shape[0])
     # One layer column per variable: the sum of its channel sums.
     cols = torch.cat(sums + [s.sum(dim=1, keepdim=True) for s in sums], dim=1)
@@ -348,18 +350,6 @@ def _passing(cols, thresholds, ends, channels, eps):
     fails = torch.cat([fails.new_zeros(1), fails])
     channel_wise = fails[ends[1:]] == fails[ends[:-1]]
     return channel_wise, passes[channels:], norm_w
-
-
-def _tests(layouts, sums, delta, eps):
-    """`_decide`'s test alone, from per variable its float32 `(3, C)`
-    ``<g,w>, <g,g>, <w,w>``: ``(channel_wise, layer_wise)``, bool `(V,)`."""
-    device = sums[0].device
-    owners, thresholds, ends, _ = _decision_constants(tuple(layouts), delta, device)
-    cols = torch.cat(sums + [s.sum(dim=1, keepdim=True) for s in sums], dim=1)
-    channel_wise, layer_wise, _ = _passing(
-        cols, thresholds, ends, int(owners.shape[0]), eps
-    )
-    return channel_wise, layer_wise
 
 
 def _decay_rates(optimizer, variables, rate):

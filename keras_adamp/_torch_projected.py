@@ -151,9 +151,7 @@ def _step_on_host(wrapper, original, grads, variables, values, held, learning_ra
             3,
             copy=None if copy is None else copy.view(layout.view),
         )
-        channel_wise, layer_wise = _test(
-            state, layout, sums, wrapper.delta, wrapper.eps
-        )
+        channel_wise, layer_wise = _test(layout, sums, wrapper.delta, wrapper.eps)
         guesses[key] = channel_wise or layer_wise
         if not guesses[key]:
             if one_by_one:
@@ -174,19 +172,16 @@ def _step_on_host(wrapper, original, grads, variables, values, held, learning_ra
             _correct(wrapper, *entry, learning_rate)
 
 
-def _test(state, layout, sums, delta, eps):
+def _test(layout, sums, delta, eps):
     """`keras_adamp._torch`'s test of one variable from its `(3, C)`
     ``<g,w>, <g,g>, <w,w>``: whether every channel passes, whether the
     whole tensor does (Python bools)."""
-    key = ("constants", layout, delta)
-    if key not in state:
-        _, thresholds, ends, _ = _torch._decision_constants(
-            (layout,), delta, sums.device
-        )
-        state[key] = thresholds, ends
+    _, thresholds, ends, _ = _torch._cached(
+        _torch._decision_constants, (layout,), delta, sums.device
+    )
     cols = torch.cat([sums, sums.sum(dim=1, keepdim=True)], dim=1)
     channel_wise, layer_wise, _ = _torch._passing(
-        cols, *state[key], layout.num_channels, eps
+        cols, thresholds, ends, layout.num_channels, eps
     )
     return bool(channel_wise), bool(layer_wise)
 
