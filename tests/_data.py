@@ -1,8 +1,17 @@
 """What the tests share: scikit-learn's bundled 8x8 digits (ships with the
 package, no download), a small Conv+BatchNorm CNN (AdamP's case), and one
-optimizer step that is stateless on JAX."""
+optimizer step that is stateless on JAX; and the filter for the warning
+about output channels guessed from a shape, which free variables (no layer)
+trigger."""
 
 import keras
+import pytest
+
+# For tests whose variables have no layer: their output channels are guessed
+# from the shape (the rule those tests mean), with a UserWarning.
+ignore_guessed_channels = pytest.mark.filterwarnings(
+    "ignore:.*output channels of .* guessed:UserWarning"
+)
 
 
 def digits(n=None, flat=False):
@@ -17,19 +26,20 @@ def digits(n=None, flat=False):
     return (x[:n], y[:n]) if n else (x, y)
 
 
-def conv_bn_model(seed=0, logits_dtype=None):
-    """Two bias-free convolutions, each followed by BatchNorm, and a Dense
-    head (`logits_dtype="float32"` keeps the logits in float32 under a mixed
+def conv_bn_model(seed=0, logits_dtype=None, epsilon=1e-3):
+    """Two bias-free convolutions, each followed by BatchNorm (with
+    `epsilon`, Keras's default 1e-3 unless given), and a Dense head
+    (`logits_dtype="float32"` keeps the logits in float32 under a mixed
     policy, as the mixed-precision guide recommends)."""
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
         [
             keras.Input((8, 8, 1)),
             keras.layers.Conv2D(8, 3, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(),
+            keras.layers.BatchNormalization(epsilon=epsilon),
             keras.layers.ReLU(),
             keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(),
+            keras.layers.BatchNormalization(epsilon=epsilon),
             keras.layers.ReLU(),
             keras.layers.GlobalAveragePooling2D(),
             keras.layers.Dense(10, dtype=logits_dtype),

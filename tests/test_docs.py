@@ -24,6 +24,10 @@ def _pages():
     return [p for p in pages if p.exists()]
 
 
+def _test_files():
+    return {p.name for p in (ROOT / "tests").glob("test_*.py")}
+
+
 def _named(text):
     return set(TEST_FILE.findall(text))
 
@@ -45,16 +49,14 @@ def test_the_pattern_finds_test_file_names_and_nothing_else():
 
 @pytest.mark.parametrize("page", _pages(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_test_file_a_page_names_exists(page):
-    existing = {p.name for p in (ROOT / "tests").glob("test_*.py")}
-    missing = sorted(_named(page.read_text(encoding="utf-8")) - existing)
+    missing = sorted(_named(page.read_text(encoding="utf-8")) - _test_files())
     assert not missing, f"{page.relative_to(ROOT)} names missing test files {missing}"
 
 
 def test_every_test_file_has_a_row_on_the_tests_page():
     text = TESTS_PAGE.read_text(encoding="utf-8")
     listed = _named(_table_rows(text, "## What each file proves"))
-    existing = {p.name for p in (ROOT / "tests").glob("test_*.py")}
-    missing = sorted(existing - listed)
+    missing = sorted(_test_files() - listed)
     assert not missing, (
         f"docs/testing.md, 'What each file proves', has no row for {missing}: "
         "add one saying what each proves"

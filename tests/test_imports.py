@@ -33,8 +33,8 @@ def import_graph(root):
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:  # relative: from the importing package up
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([base] if base else []))
+                    up = package.rsplit(".", node.level - 1)[0]
+                    base = f"{up}.{base}" if base else up
                 targets.add(base)
                 targets.update(f"{base}.{alias.name}" for alias in node.names)
         # `from keras_adamp import x` names the package itself too: only its

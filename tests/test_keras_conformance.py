@@ -106,6 +106,7 @@ import keras
 import numpy as np
 import pytest
 from _data import apply
+from _data import ignore_guessed_channels
 from absl.testing import parameterized
 from keras.src import optimizers as keras_optimizers
 from keras.src import testing
@@ -312,16 +313,13 @@ def _reused_classes():
         # Keras's sparse tests step a (5, 3, 2) variable that no layer owns:
         # its output channels can only be guessed, and AdamP/SGDP's build says
         # so, once per test, as it should. Not what these tests examine.
-        guessed = pytest.mark.filterwarnings(
-            "ignore:.*output channels of .* guessed:UserWarning"
-        )
         classes.append(
             _reuse(
                 optimizer_sparse_test,
                 "OptimizerSparseTest",
                 None,
                 parameters=sparse,
-                marks=[guessed],
+                marks=[ignore_guessed_channels],
             )
         )
     return classes

@@ -30,6 +30,7 @@ import keras
 import numpy as np
 import pytest
 from _data import apply
+from _data import conv_bn_model
 from _data import digits
 from keras import ops
 
@@ -52,6 +53,8 @@ WEIGHT_DECAY = 0.05
 # optimizers measure 1e-2 and more on the same kernels.
 TANGENT_TOL = 1e-3
 ROUNDING = 4 * 2.0**-24
+# Projected's default wd_ratio: the decay left on a projected kernel.
+WD_RATIO = 0.1
 
 # name -> (the inner optimizer, momentum-based). Learning rates large enough
 # that twelve steps move the norm measurably, small enough to stay stable.
@@ -114,24 +117,12 @@ def test_every_keras_optimizer_is_covered():
 
 
 def _model():
-    """BatchNorm's epsilon at 1e-6: Keras's 1e-3 is not small next to the
-    variance of these convolutions' outputs on digits, which puts |cos(g, w)|
-    of their kernels at about half the test's threshold (scale invariance
-    only approximate); at 1e-6 it is ~1e-5 of it, and the decision is sure."""
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(8, 3, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(epsilon=1e-6),
-            keras.layers.ReLU(),
-            keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False),
-            keras.layers.BatchNormalization(epsilon=1e-6),
-            keras.layers.ReLU(),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(10),
-        ]
-    )
+    """The shared Conv+BatchNorm net, BatchNorm's epsilon at 1e-6: Keras's
+    1e-3 is not small next to the variance of these convolutions' outputs on
+    digits, which puts |cos(g, w)| of their kernels at about half the test's
+    threshold (scale invariance only approximate); at 1e-6 it is ~1e-5 of
+    it, and the decision is sure."""
+    return conv_bn_model(seed=0, epsilon=1e-6)
 
 
 def _gradient_function(model):
@@ -219,7 +210,7 @@ def _decision(w, g, layout, delta=0.1, eps=1e-8):
     layer = ratio(tuple(range(w.ndim)), layout.numel)
     if channel < 0.5:
         return projection.CHANNEL_WISE
-    if channel < 2 or layer < 2 and channel >= 2 and layer >= 0.5:
+    if channel < 2 or 0.5 <= layer < 2:
         return None
     if layer < 0.5:
         return projection.LAYER_WISE
@@ -284,7 +275,6 @@ def _train_wrapped(name, net, steps):
     wrapped = keras_adamp.Projected(_inner(name))
     bare = _inner(name)
     lr = float(bare.learning_rate)
-    wd_ratio = 0.1
     shadow = [
         keras.Variable(value, name=f"shadow_{i}") for i, value in enumerate(start)
     ]
@@ -294,7 +284,9 @@ def _train_wrapped(name, net, steps):
         grads = grads_of(x, y)
         before = _numpy(variables)
         decisions = [
-            _decision(w, ops.convert_to_numpy(g), _layout(v)) if w.ndim > 1 else 0
+            _decision(w, ops.convert_to_numpy(g), _layout(v))
+            if w.ndim > 1
+            else projection.NOT_PROJECTED
             for v, w, g in zip(variables, before, grads)
         ]
         apply(wrapped, grads, variables)
@@ -307,7 +299,7 @@ def _train_wrapped(name, net, steps):
             if decision in (projection.CHANNEL_WISE, projection.LAYER_WISE):
                 # (a): the step, the decay lr * wd * wd_ratio * w added back,
                 # has no radial part.
-                decayed = before[i] * (1 - lr * _decay(bare, v) * wd_ratio)
+                decayed = before[i] * (1 - lr * _decay(bare, v) * WD_RATIO)
                 cos, beyond_rounding = _radial_parts(
                     before[i], after[i] - decayed, _layout(v), decision
                 )
@@ -348,7 +340,7 @@ def test_wrapped_step_is_tangent_elsewhere_the_inner_step(name, net):
 def test_wrapped_momentum_optimizer_keeps_the_norm_down(name, net):
     model, _, _, start = net
     kernels = [v for v in model.trainable_variables if len(v.shape) == 4]
-    start = [float(np.linalg.norm(w)) for w in start if w.ndim == 4]
+    start_norms = [float(np.linalg.norm(w)) for w in start if w.ndim == 4]
     norms_wrapped = _train_wrapped(name, net, STEPS)
     norms_bare, radial_bare = _train_unwrapped(name, net)
     # The bare steps do have the radial part that (a) rules out ...
@@ -364,11 +356,14 @@ def test_wrapped_momentum_optimizer_keeps_the_norm_down(name, net):
         return np.mean(
             [
                 n / (s * (1 - lr * _decay(inner, v) * ratio) ** STEPS) - 1
-                for n, s, v in zip(norms, start, kernels)
+                for n, s, v in zip(norms, start_norms, kernels)
             ]
         )
 
-    growth_wrapped, growth_bare = growth(norms_wrapped, 0.1), growth(norms_bare, 1.0)
+    growth_wrapped, growth_bare = (
+        growth(norms_wrapped, WD_RATIO),
+        growth(norms_bare, 1.0),
+    )
     assert 0 < growth_bare and growth_wrapped < 0.75 * growth_bare, (
         growth_wrapped,
         growth_bare,

@@ -16,11 +16,11 @@ its own optimizers as for ours.
 import keras
 import numpy as np
 import pytest
+from _data import ignore_guessed_channels
 
 import keras_adamp
 
-# The test variables have no layers: their output channels are guessed.
-pytestmark = pytest.mark.filterwarnings("ignore:.*guessed from their shape")
+pytestmark = ignore_guessed_channels
 
 BACKEND = keras.backend.backend()
 STEPS = 3

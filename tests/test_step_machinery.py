@@ -4,13 +4,13 @@ decisions of all variables in one call, and nothing assigned before it."""
 import keras
 import numpy as np
 import pytest
+from _data import ignore_guessed_channels
 
 import keras_adamp
 from keras_adamp import _base
 from keras_adamp import projection
 
-# The test variables have no layers: their output channels are guessed.
-pytestmark = pytest.mark.filterwarnings("ignore:.*guessed from their shape")
+pytestmark = ignore_guessed_channels
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +21,21 @@ def keras_ops_path(monkeypatch):
         from keras_adamp import _torch
 
         monkeypatch.setattr(_torch, "ENABLED", False)
+
+
+@pytest.fixture
+def coefficient_calls(monkeypatch):
+    """The number of layouts of each call of `projection.coefficients` (one
+    call per decision) in the test, in order."""
+    calls = []
+    original = projection.coefficients
+
+    def counted(layouts, sums, *args):
+        calls.append(len(layouts))
+        return original(layouts, sums, *args)
+
+    monkeypatch.setattr(projection, "coefficients", counted)
+    return calls
 
 
 def variables():
@@ -58,19 +73,11 @@ def test_all_five_optimizers_share_one_step_base():
 
 
 @pytest.mark.parametrize("name", ["adamp", "sgdp", "sgdp_nesterov"])
-def test_one_decision_for_all_projected_variables(name, monkeypatch):
-    calls = []
-    original = projection.coefficients
-
-    def counted(layouts, sums, *args):
-        calls.append(len(layouts))
-        return original(layouts, sums, *args)
-
-    monkeypatch.setattr(projection, "coefficients", counted)
+def test_one_decision_for_all_projected_variables(name, coefficient_calls):
     vs, gs = variables()
     optimizer = OPTIMIZERS[name]()
     optimizer.apply(gs, vs)
-    assert calls == [3]  # the three variables of rank > 1, in one call
+    assert coefficient_calls == [3]  # the three variables of rank > 1, in one call
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -99,17 +106,9 @@ def test_the_sums_and_the_decision_assign_nothing(name):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution")
-def test_variables_sharded_by_a_distribution_decide_alone(monkeypatch):
+def test_variables_sharded_by_a_distribution_decide_alone(coefficient_calls):
     import jax
 
-    calls = []
-    original = projection.coefficients
-
-    def counted(layouts, sums, *args):
-        calls.append(len(layouts))
-        return original(layouts, sums, *args)
-
-    monkeypatch.setattr(projection, "coefficients", counted)
     mesh = keras.distribution.DeviceMesh((1,), ["model"], jax.devices()[:1])
     layout_map = keras.distribution.LayoutMap(mesh)
     layout_map["v2"] = (None, "model")
@@ -123,7 +122,7 @@ def test_variables_sharded_by_a_distribution_decide_alone(monkeypatch):
     finally:
         keras.distribution.set_distribution(previous)
     # v0 and v4 (replicated) together, v2 (sharded) alone
-    assert sorted(calls) == [1, 2]
+    assert sorted(coefficient_calls) == [1, 2]
 
 
 def test_each_optimizer_names_its_torch_step():

@@ -12,14 +12,15 @@ import importlib
 import keras
 import numpy as np
 import pytest
+from _data import conv_bn_model
+from _data import digits
+from _data import ignore_guessed_channels
 
 from keras_adamp import Projected
 
 pytestmark = [
     pytest.mark.skipif(keras.backend.backend() != "torch", reason="the torch executor"),
-    pytest.mark.filterwarnings(
-        "ignore:.*output channels of .* are guessed:UserWarning"
-    ),
+    ignore_guessed_channels,
 ]
 
 # name -> shape; sizes above `_torch._BLOCK` take the sums in blocks: by
@@ -167,9 +168,6 @@ def test_the_executors_stepped_one_variable_at_a_time_step_each_alone():
 def test_torch_compile_takes_the_eager_step():
     # Under torch.compile the device order runs (no decision read on the
     # host, which would break the graph).
-    from _data import conv_bn_model
-    from _data import digits
-
     x, y = digits(192)
     results = []
     for jit_compile in (False, True):
