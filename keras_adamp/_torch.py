@@ -305,15 +305,31 @@ def _decide(layouts, sums, delta, wd_ratio, eps):
         where none did), float32 `(N,)`; per variable the weight decay's
         factor, `wd_ratio` if projected else 1, float32 `(V,)`.
     """
-    device = sums[0].device
     owners, thresholds, ends, sizes = _cached(
-        _decision_constants, tuple(layouts), delta, device
+        _decision_constants, tuple(layouts), delta, sums[0].device
     )
     channels = int(owners.shape[0])
-    # One layer column per variable: the sum of its channel sums.
-    cols = torch.cat(sums + [s.sum(dim=1, keepdim=True) for s in sums], dim=1)
+    cols = _columns(sums)
     channel_wise, layer_wise, norm_w = _passing(cols, thresholds, ends, channels, eps)
-    coefs = cols[3] / torch.square(norm_w + eps)
+    coef, ratio = _coefficients(
+        cols[3], norm_w, channel_wise, layer_wise, owners, wd_ratio, eps
+    )
+    return coef, ratio, owners, sizes
+
+
+def _columns(sums):
+    """The per-variable `(k, C)` sums side by side, then one column per
+    variable for its whole tensor (the sum of its channel sums)."""
+    return torch.cat(sums + [s.sum(dim=1, keepdim=True) for s in sums], dim=1)
+
+
+def _coefficients(wu, norm_w, channel_wise, layer_wise, owners, wd_ratio, eps):
+    """`_decide`'s result from its test: per channel of all variables
+    ``<w,u> / (||w|| + eps)^2`` of the view that passed (0 where none did),
+    per variable the decay's factor (`wd_ratio` if projected, else 1).
+    `wu` and `norm_w` are per column, as `_columns` lays them out."""
+    channels = int(owners.shape[0])
+    coefs = wu / torch.square(norm_w + eps)
     # coef = channel coef if channel_wise else (layer coef if layer_wise else 0)
     layer = torch.where(
         torch.logical_and(layer_wise, torch.logical_not(channel_wise)),
@@ -327,7 +343,7 @@ def _decide(layouts, sums, delta, wd_ratio, eps):
         torch.full_like(layer, wd_ratio),
         torch.ones_like(layer),
     )
-    return coef, ratio, owners, sizes
+    return coef, ratio
 
 
 def _passing(cols, thresholds, ends, channels, eps):

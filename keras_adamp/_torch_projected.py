@@ -151,8 +151,7 @@ def _step_on_host(wrapper, original, grads, variables, values, held, learning_ra
             3,
             copy=None if copy is None else copy.view(layout.view),
         )
-        channel_wise, layer_wise = _test(layout, sums, wrapper.delta, wrapper.eps)
-        guesses[key] = channel_wise or layer_wise
+        guesses[key], decision = _test(layout, sums, wrapper.delta, wrapper.eps)
         if not guesses[key]:
             if one_by_one:
                 original([grads[k]], [variables[k]], learning_rate)
@@ -160,7 +159,7 @@ def _step_on_host(wrapper, original, grads, variables, values, held, learning_ra
         if copy is None:
             copy = buffer(k, key)
             copy.copy_(values[k])
-        entry = (variables[k], layout, sums, copy)
+        entry = (variables[k], layout, decision, copy)
         if one_by_one:
             original([grads[k]], [variables[k]], learning_rate)
             _correct(wrapper, *entry, learning_rate)
@@ -174,51 +173,57 @@ def _step_on_host(wrapper, original, grads, variables, values, held, learning_ra
 
 def _test(layout, sums, delta, eps):
     """`keras_adamp._torch`'s test of one variable from its `(3, C)`
-    ``<g,w>, <g,g>, <w,w>``: whether every channel passes, whether the
-    whole tensor does (Python bools)."""
-    _, thresholds, ends, _ = _torch._cached(
+    ``<g,w>, <g,g>, <w,w>``: ``(passed, decision)``, `passed` a Python bool
+    (a view passes), `decision` what `_correct` needs of the test."""
+    owners, thresholds, ends, _ = _torch._cached(
         _torch._decision_constants, (layout,), delta, sums.device
     )
-    cols = torch.cat([sums, sums.sum(dim=1, keepdim=True)], dim=1)
-    channel_wise, layer_wise, _ = _torch._passing(
-        cols, thresholds, ends, layout.num_channels, eps
+    test = _torch._passing(
+        _torch._columns([sums]), thresholds, ends, layout.num_channels, eps
     )
-    return bool(channel_wise), bool(layer_wise)
+    channel_wise, layer_wise, _ = test
+    return bool(channel_wise) or bool(layer_wise), (owners, test)
 
 
-def _correct(wrapper, variable, layout, before, w_before, learning_rate):
+def _correct(wrapper, variable, layout, decision, w_before, learning_rate):
     """Corrects `variable` after the inner's step (`w_before` its value
-    before it, `before` its sums then)."""
+    before it, `decision` the test of its sums then)."""
     w_before = w_before.view(layout.view)
     w_after = variable.value.view(layout.view)
     wd = _torch._channel_sums(layout, (w_before, w_after), _products_after, 1)
+    owners, (channel_wise, layer_wise, norm_w) = decision
+    coef, ratio = _torch._coefficients(
+        _torch._columns([wd])[0],
+        norm_w,
+        channel_wise,
+        layer_wise,
+        owners,
+        wrapper.wd_ratio,
+        wrapper.eps,
+    )
     (factor,) = _factors(
-        wrapper,
-        [layout],
-        [torch.cat([before, wd])],
-        [wrapper._decay_rate(variable)],
-        learning_rate,
+        [layout], (coef, ratio, owners), [wrapper._decay_rate(variable)], learning_rate
     )
     _apply([w_after], [w_before], [factor])
 
 
-def _factors(wrapper, layouts, sums, rates, learning_rate):
+def _factors(layouts, decided, rates, learning_rate):
     """Per variable, the per-channel factor `c` of its correction ``w <- w -
-    w_before * c``, from its `(4, C)` ``<g,w>, <g,g>, <w,w>, <w,d>`` and the
-    rate of the decay the inner applied to it (0.0 for none): the radial
-    part of `d` where a view passes, and part of the decay given back."""
-    coef, ratio, owners, sizes = _torch._decide(
-        layouts, sums, wrapper.delta, wrapper.wd_ratio, wrapper.eps
-    )
+    w_before * c``, from `_torch._decide`'s ``(coef, ratio, owners)`` and
+    the rate of the decay the inner applied to it (0.0 for none): the radial
+    part of its update where a view passes, and part of the decay given
+    back."""
+    coef, ratio, owners = decided
     if any(rates):
         # The inner decayed w by (1 - decay); projected weights get
         # (1 - decay * wd_ratio): w * decay (1 - wd_ratio) / (1 - decay) back.
         lr = _torch._scalar(learning_rate, coef.device)
         decay = lr * torch.tensor(rates, dtype=torch.float32, device=coef.device)
         coef = coef - (decay * (1.0 - ratio) / (1.0 - decay))[owners]
+    sizes = [layout.num_channels for layout in layouts]
     return [
         _torch._per_channel(-c, layout)
-        for c, layout in zip(torch.split(coef, list(sizes)), layouts)
+        for c, layout in zip(torch.split(coef, sizes), layouts)
     ]
 
 
@@ -275,7 +280,10 @@ def _step_on_device(wrapper, original, grads, variables, values, held, learning_
         for layout, gk, b, a in zip(layouts, g, before, after)
     ]
     del g
-    factors = _factors(wrapper, layouts, sums, rates, learning_rate)
+    coef, ratio, owners, _ = _torch._decide(
+        layouts, sums, wrapper.delta, wrapper.wd_ratio, wrapper.eps
+    )
+    factors = _factors(layouts, (coef, ratio, owners), rates, learning_rate)
     _apply(
         [a.view(layout.view) for a, layout in zip(after, layouts)],
         [b.view(layout.view) for b, layout in zip(before, layouts)],
