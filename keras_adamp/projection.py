@@ -99,28 +99,42 @@ def _channel_sums(w, g, u, layout, blocks=True):
     buffers of `4 / k` times the variable's size (XLA on CPU materialises
     each block's products too); `blocks=False` reduces directly.
     """
-    k = _block_count(layout) if blocks else 1
-    if k == 1:
-        w, g, u = (None if x is None else layout.to_view(x) for x in (w, g, u))
-    else:
-        shape = (k, layout.view[0] // k, layout.num_channels)
-        # A list of k slices each: x[0], ..., x[k-1].
-        w, g, u = (
-            None if x is None else ops.unstack(_reshaped(x, shape), num=k, axis=0)
-            for x in (w, g, u)
-        )
     pairs = [(g, w), (g, g), (w, w)]
     if u is not None:
         pairs.append((w, u))
-    if k == 1:
-        return ops.stack([_replicated(layout.group_sum(a * b)) for a, b in pairs])
+    return ops.stack(_pair_sums(pairs, layout, blocks))
+
+
+def _pair_sums(pairs, layout, blocks=True):
+    """Per-channel ``<a, b>`` of each pair `(a, b)` of tensors of the
+    variable's shape or of `layout.view`, each of shape `(C,)`, taken as
+    `_channel_sums` describes (in row blocks where `blocks` and the layout
+    allow)."""
+    k = _block_count(layout) if blocks else 1
+    shape = None if k == 1 else (k, layout.view[0] // k, layout.num_channels)
+    cut = {}
+
+    def pieces(x):
+        # The view (k == 1) or a list of k slices x[0], ..., x[k-1]; once
+        # per tensor, however many pairs it is in.
+        if id(x) not in cut:
+            if k == 1:
+                cut[id(x)] = layout.to_view(x)
+            else:
+                cut[id(x)] = ops.unstack(_reshaped(x, shape), num=k, axis=0)
+        return cut[id(x)]
+
     sums = []
     for a, b in pairs:
+        a, b = pieces(a), pieces(b)
+        if k == 1:
+            sums.append(_replicated(layout.group_sum(a * b)))
+            continue
         total = a[0] * b[0]
         for i in range(1, k):
             total = total + a[i] * b[i]
         sums.append(_replicated(ops.sum(total, axis=0)))
-    return ops.stack(sums)
+    return sums
 
 
 def _replicated(x):
@@ -362,6 +376,101 @@ def coefficients(layouts, sums, delta, wd_ratio, eps):
         return [(coef, ratio[0])]
     coef = ops.split(coef, _boundaries(layouts)[1:-1])
     return list(zip(coef, ops.unstack(ratio, num=len(layouts))))
+
+
+def test_sums(w, g, layout, blocks=True):
+    """The per-channel <g,w>, <g,g>, <w,w> of one variable, `(3, C)`
+    (float32 for 16-bit `w`): what :func:`decisions` needs of it, known
+    before the update is (`blocks`: as :func:`_channel_sums`)."""
+    return _channel_sums(*_in_float32(w.dtype, w, g), None, layout, blocks)
+
+
+def radial_sums(w, u, layout, blocks=True):
+    """The per-channel <w,u> of one variable, `(C,)` (float32 for 16-bit
+    `u`): what :func:`decided_coefficients` needs of its update."""
+    w, u = _in_float32(u.dtype, w, u)
+    return _pair_sums([(w, u)], layout, blocks)[0]
+
+
+class Decision:
+    """The test's outcome for one variable, as :func:`decisions` gives it:
+    which view passed (`channel_wise`; `layer_only`: the whole tensor and
+    not every channel), the squared ``||w|| + eps`` of the channels and of
+    the tensor, and the decay ratio (`wd_ratio` if a view passed, else 1).
+    All tensors: `channel_denominator` of shape `(C,)`, the rest scalars."""
+
+    __slots__ = (
+        "channel_denominator",
+        "channel_wise",
+        "layer_denominator",
+        "layer_only",
+        "ratio",
+    )
+
+    def __init__(
+        self, channel_wise, layer_only, channel_denominator, layer_denominator, ratio
+    ):
+        self.channel_wise = channel_wise
+        self.layer_only = layer_only
+        self.channel_denominator = channel_denominator
+        self.layer_denominator = layer_denominator
+        self.ratio = ratio
+
+
+def decisions(layouts, sums, delta, wd_ratio, eps):
+    """The test of several variables decided in one set of small ops, before
+    their updates are known (the test reads only `g` and `w`).
+
+    :func:`coefficients` decides and computes the coefficients together,
+    which needs every variable's update at once; deciding first lets each
+    variable's coefficient follow from its own update alone
+    (:func:`decided_coefficients`), so that a step need not hold all the
+    updates until the last one is known.
+
+    Args:
+        layouts: Per variable, its :class:`ChannelLayout`.
+        sums: Per variable, its :func:`test_sums`, all of one dtype.
+
+    Returns:
+        Per variable, a :class:`Decision`.
+    """
+    layouts = tuple(layouts)
+    channel_wise, layer_wise, _, norm_w = _decide(layouts, sums, delta, eps)
+    channels = len(_owners(layouts))
+    denominator = ops.square(norm_w + eps)
+    layer_only = ops.logical_and(layer_wise, ops.logical_not(channel_wise))
+    ratio = ops.where(
+        ops.logical_or(channel_wise, layer_wise),
+        ops.cast(wd_ratio, denominator.dtype),
+        ops.cast(1.0, denominator.dtype),
+    )
+    count = len(layouts)
+    if count == 1:
+        per_channel_den = [denominator[:channels]]
+    else:
+        per_channel_den = ops.split(denominator[:channels], _boundaries(layouts)[1:-1])
+    return [
+        Decision(*fields)
+        for fields in zip(
+            ops.unstack(channel_wise, num=count),
+            ops.unstack(layer_only, num=count),
+            per_channel_den,
+            ops.unstack(denominator[channels:], num=count),
+            ops.unstack(ratio, num=count),
+        )
+    ]
+
+
+def decided_coefficients(decision, wu):
+    """A variable's coefficients, `(C,)` (see :func:`per_channel`), from its
+    :class:`Decision` and :func:`radial_sums` `wu`: the same values as
+    :func:`coefficients`' for the same sums."""
+    layer = ops.where(
+        decision.layer_only,
+        ops.sum(wu) / decision.layer_denominator,
+        ops.zeros_like(decision.layer_denominator),
+    )
+    return ops.where(decision.channel_wise, wu / decision.channel_denominator, layer)
 
 
 def scale_invariance(w, g, layout, delta, eps):

@@ -699,3 +699,86 @@ def test_the_compiled_steps_temporaries_are_the_inners_and_one_parameters_size(i
     bare = temporaries(make(learning_rate=1e-3))
     wrapped = temporaries(Projected(make(learning_rate=1e-3)))
     assert wrapped <= bare + 1.05 * parameter_bytes, (wrapped, bare)
+
+
+# One process, TensorFlow: the step of `optimizer` on 8 kernels of 256x256
+# compiled by XLA, dumped to the directory given, as the tf.function "step_"
+# followed by the name given.
+_TF_XLA_STEP = """
+import sys
+import keras
+import numpy as np
+import tensorflow as tf
+from keras_adamp import Projected
+
+inner, name = sys.argv[1], sys.argv[2]
+optimizer = getattr(keras.optimizers, inner)(learning_rate=1e-3)
+if name == "wrapped":
+    optimizer = Projected(optimizer)
+rng = np.random.default_rng(0)
+shapes = [(256, 256)] * 8
+variables = [
+    keras.Variable(rng.normal(size=s).astype("float32"), name=f"k{i}_kernel")
+    for i, s in enumerate(shapes)
+]
+grads = [tf.constant(rng.normal(size=s).astype("float32")) for s in shapes]
+optimizer.build(variables)
+
+def step(grads):
+    optimizer.apply(grads, variables)
+    return optimizer.iterations
+
+step.__name__ = "step_" + name
+tf.function(step, jit_compile=True)(grads).numpy()
+"""
+
+
+def _tf_xla_temporaries(inner, name, dump):
+    env = worker_env("tensorflow")
+    env["XLA_FLAGS"] = f"--xla_dump_to={dump}"
+    subprocess.run(
+        [sys.executable, "-c", _TF_XLA_STEP, inner, name],
+        env=env,
+        check=True,
+        timeout=240,
+        capture_output=True,
+    )
+    [report] = [
+        p
+        for p in dump.iterdir()
+        if p.name.endswith("buffer-assignment.txt") and f"step_{name}" in p.name
+    ]
+    found = re.search(r"size (\d+), preallocated-temp", report.read_text())
+    return int(found.group(1)) if found else 0
+
+
+@only_in_pass("tensorflow")
+@pytest.mark.parametrize("inner", ["SGD", "AdamW"])
+def test_tensorflow_xla_holds_one_updated_kernel_at_a_time(inner, tmp_path):
+    # XLA's CPU scheduler runs whatever is ready, breadth first: a step that
+    # decided after updating every kernel held all the updated kernels (1.25
+    # parameters' sizes with the sums' row blocks). The ordered step holds
+    # one kernel's update and its blocks.
+    parameter_bytes = 8 * 4 * 256 * 256
+    bare = _tf_xla_temporaries(inner, "bare", tmp_path / "bare")
+    wrapped = _tf_xla_temporaries(inner, "wrapped", tmp_path / "wrapped")
+    assert wrapped - bare <= 0.3 * parameter_bytes, (wrapped, bare)
+    assert wrapped > 0  # the report was read
+
+
+@pytest.mark.skipif(
+    BACKEND == "torch", reason="torch's Keras classes step as a whole (_foreach)"
+)
+def test_only_keras_loops_over_variables_are_stepped_one_variable_at_a_time():
+    # Nadam advances a product shared by all variables before its loop; a
+    # subclass may keep state across variables: both step all at once.
+    from keras_adamp.projected import _steps_per_variable
+
+    class Counting(keras.optimizers.SGD):
+        def update_step(self, gradient, variable, learning_rate):
+            super().update_step(gradient, variable, learning_rate)
+
+    for name in ["SGD", "AdamW", "Lion", "Lamb", "Adafactor", "Muon"]:
+        assert _steps_per_variable(getattr(keras.optimizers, name)()), name
+    assert not _steps_per_variable(keras.optimizers.Nadam())
+    assert not _steps_per_variable(Counting())

@@ -198,7 +198,7 @@ def test_deciding_many_variables_at_once_equals_deciding_each_alone():
     rng = np.random.default_rng(5)
     w = [
         rng.standard_normal(s).astype("float32")
-        for s in [(9, 4), (6, 3), (4, 5), (3, 3, 2, 8), (40, 3)]
+        for s in [(9, 4), (6, 3), (4, 5), (3, 3, 2, 8), (40, 3), (64, 4)]
     ]
     layouts = [
         ChannelLayout.create(w[0].shape, -1),
@@ -206,6 +206,7 @@ def test_deciding_many_variables_at_once_equals_deciding_each_alone():
         ChannelLayout.create(w[2].shape, -1),
         ChannelLayout.create(w[3].shape, -1),
         ChannelLayout.create(w[4].shape, []),
+        ChannelLayout.create(w[5].shape, -1),
     ]
     g = [
         orthogonal_per_column(w[0], rng),  # channel-wise
@@ -213,6 +214,7 @@ def test_deciding_many_variables_at_once_equals_deciding_each_alone():
         rng.standard_normal((4, 5)).astype("float32"),
         rng.standard_normal((3, 3, 2, 8)).astype("float32"),
         rng.standard_normal((40, 3)).astype("float32"),
+        orthogonal_per_column(w[5], rng),
     ]
     g[2] = g[2] - w[2] * (g[2] * w[2]).sum() / (w[2] * w[2]).sum()  # layer-wise
     u = [rng.standard_normal(x.shape).astype("float32") for x in w]
@@ -232,6 +234,21 @@ def test_deciding_many_variables_at_once_equals_deciding_each_alone():
         for *t, layout in zip(w[:3], g[:3], layouts[:3])
     ]
     assert decisions == [projection.CHANNEL_WISE, 0, projection.LAYER_WISE]
+    # Deciding before the update is known, from the test's sums alone, and
+    # then each variable's coefficients from its own <w, u>: the same
+    # coefficients and ratios (the wrapper's order on TensorFlow). The
+    # blocked sums too (on TensorFlow and JAX the (64, 4) kernel's rows are
+    # summed in blocks).
+    test = [projection.test_sums(x, y, layout) for x, y, layout in zip(w, g, layouts)]
+    decided = projection.decisions(layouts, test, 0.1, 0.25, 1e-8)
+    for x, z, layout, decision, (coef, ratio) in zip(w, u, layouts, decided, together):
+        later = projection.decided_coefficients(
+            decision, projection.radial_sums(x, z, layout)
+        )
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(later), ops.convert_to_numpy(coef), rtol=1e-6
+        )
+        assert float(decision.ratio) == float(ratio)
     # The update with the batch's coefficients is `project`'s (on the view and
     # on the variable's own shape).
     for i in (0, 1, 3):
