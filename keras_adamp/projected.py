@@ -14,22 +14,19 @@ from keras_adamp._base import unique_name
 
 # Whether the sums of the generic step are taken in row blocks
 # (`projection._channel_sums`). On JAX's XLA (jax 0.10) reducing directly is
-# faster here and holds no block buffers: the step's temporaries are then
-# the inner's plus one parameters' size (the inner's update, held while the
-# weight before it is still needed), where the blocks made them 2.4 sizes
-# more; on TensorFlow's XLA (2.21) the blocked sums are faster and smaller.
+# faster here and holds no block buffers (the blocks made the temporaries
+# 2.4 parameters' sizes larger); on TensorFlow's XLA (2.21) the blocked sums
+# are faster and smaller.
 _BLOCKED_SUMS = keras.backend.backend() != "jax"
 
 # Whether the generic step decides before the inner's step and then takes
 # the variables one at a time (`Projected._ordered_step`), or steps them all
-# and then decides (`Projected._joint_step`). XLA's CPU scheduler runs
-# whatever is ready, breadth first: on TensorFlow's XLA (2.21) the joint
-# step held every updated kernel at once (temporaries 1.25 parameters'
-# sizes), the ordered one holds one kernel's (0.13, 16 kernels of 2048^2).
-# On JAX's XLA (jax 0.10) the ordered step's temporaries measured larger
-# than the joint step's (2.1 against 1.0 parameters' sizes for SGD, 16
-# kernels of 1024^2: XLA copies the weights before the step, all at once).
-_ORDERED = keras.backend.backend() == "tensorflow"
+# and then decides (`Projected._joint_step`, torch's fallback: eager, where
+# ops run in the program's order). XLA's CPU scheduler runs whatever is
+# ready, breadth first, so the joint step held every updated kernel at once
+# (XLA's temporaries: the inner's plus 1.25 parameters' sizes on TensorFlow,
+# plus 1.0 on JAX); the ordered one holds one kernel's.
+_ORDERED = keras.backend.backend() in ("tensorflow", "jax")
 
 if keras.backend.backend() == "torch":
     from keras_adamp import _torch_projected as _torch_step
@@ -299,7 +296,7 @@ class Projected(keras.optimizers.Optimizer):
     def _ordered_step(self, original, grads, variables, learning_rate):
         """The test of every kernel first (it reads only the gradient and
         the weight), then the inner's step and the projection one variable
-        at a time, each next variable only once the last kernel's
+        at a time, each next variable's gradient only once the last kernel's
         coefficients are known (`_after`): a compiled step then holds one
         updated kernel at a time, not all of them.
 
@@ -328,12 +325,15 @@ class Projected(keras.optimizers.Optimizer):
             for index, entry in held.items():
                 self._project(entry, decided[index], learning_rate)
             return
-        rate = learning_rate
+        coef = None
         for index, (gradient, variable) in enumerate(zip(grads, variables)):
-            original([gradient], [variable], rate)
+            if coef is not None:
+                # The gradient, not the learning rate: an inner may read its
+                # own, and XLA on JAX sees through a scalar's dependency.
+                gradient = _after(gradient, coef)
+            original([gradient], [variable], learning_rate)
             if index in held:
                 coef = self._project(held[index], decided[index], learning_rate)
-                rate = _after(learning_rate, coef)
 
     def _decide(self, held):
         """The test of every variable of `held`, in one set of small ops per
@@ -526,23 +526,29 @@ def _steps_per_variable(inner):
 
 
 def _after(value, token):
-    """`value` (a TensorFlow tensor), available only once `token` is
-    computed where ops may run in another order than the program's (in a
-    traced function); `value` itself in eager mode.
+    """`value`, available only once `token` is computed where ops may run in
+    another order than the program's (a traced or compiled step); `value`
+    itself in eager mode and for sparse gradients.
 
-    In a graph the executor keeps a control dependency. XLA drops control
-    dependencies and optimization barriers before it schedules, so under XLA
-    the dependency is arithmetic: ``value + 0 * isnan(token[0, ...])``,
+    A TensorFlow graph without XLA keeps a control dependency. XLA drops
+    control dependencies and optimization barriers before it schedules, so
+    there the dependency is arithmetic: ``value + 0 * isnan(token[0, ...])``,
     exactly `value` (the factor is 0 or 1, never NaN), which XLA does not
-    simplify away for floats.
+    simplify away for a tensor (it did for a scalar on JAX).
     """
-    import tensorflow as tf
+    if keras.backend.backend() == "jax":
+        import jax
 
-    if tf.executing_eagerly():
-        return value
-    if not _in_xla_context():
-        with tf.control_dependencies([token]):
-            return tf.identity(value)
+        if not isinstance(value, jax.core.Tracer):
+            return value
+    else:
+        import tensorflow as tf
+
+        if tf.executing_eagerly() or isinstance(value, tf.IndexedSlices):
+            return value
+        if not _in_xla_context():
+            with tf.control_dependencies([token]):
+                return tf.identity(value)
     while len(token.shape):
         token = token[0]
     return value + ops.cast(ops.isnan(token), value.dtype) * 0.0

@@ -669,13 +669,16 @@ def test_the_inner_optimizers_weight_decay_exclusions_are_honoured():
 
 @pytest.mark.skipif(BACKEND != "jax", reason="XLA's buffer assignment on JAX")
 @pytest.mark.parametrize("inner", ["AdamW", "SGD", "Lion"])
-def test_the_compiled_steps_temporaries_are_the_inners_and_one_parameters_size(inner):
-    # The weight before the inner's update is needed after it: one
-    # parameters' size on top of what the inner's own step holds, no more.
+def test_the_compiled_steps_temporaries_are_the_inners_and_a_few_kernels(inner):
+    # The kernels are stepped one at a time: on top of what the inner's own
+    # step holds, one kernel's update and the three products its test sums
+    # reduce (XLA on CPU writes a product out before reducing it). A step
+    # that decided after updating every kernel held them all (+1.0
+    # parameters' size here, 8 kernels).
     import jax
 
-    shapes = [(256, 256)] * 4
-    parameter_bytes = sum(4 * a * b for a, b in shapes)
+    shapes = [(256, 256)] * 8
+    kernel_bytes = 4 * 256 * 256
 
     def temporaries(optimizer):
         rng = np.random.default_rng(0)
@@ -698,7 +701,7 @@ def test_the_compiled_steps_temporaries_are_the_inners_and_one_parameters_size(i
     make = getattr(keras.optimizers, inner)
     bare = temporaries(make(learning_rate=1e-3))
     wrapped = temporaries(Projected(make(learning_rate=1e-3)))
-    assert wrapped <= bare + 1.05 * parameter_bytes, (wrapped, bare)
+    assert wrapped <= bare + 4.2 * kernel_bytes, (wrapped, bare)
 
 
 # One process, TensorFlow: the step of `optimizer` on 8 kernels of 256x256
