@@ -479,11 +479,13 @@ def test_gradient_accumulation_and_clipping_stay_the_inner_optimizers():
     variables = make_variables()
     optimizer = make(gradient_accumulation_steps=2, clipnorm=0.5)
     optimizer.build(variables)
-    trajectory = []
+    trajectory, seen = [], []
     for noise in noise_sequence(4):
         values = [ops.stop_gradient(v.value) for v in variables]
         noise = [ops.convert_to_tensor(r) for r in noise]
-        apply(optimizer, gradients(values, noise), variables)
+        grads = gradients(values, noise)
+        seen.append([ops.convert_to_numpy(g) for g in grads])
+        apply(optimizer, grads, variables)
         trajectory.append([ops.convert_to_numpy(v) for v in variables])
     # Accumulating steps leave the weights alone.
     for a, b in zip(make_variables(), trajectory[0]):
@@ -491,6 +493,25 @@ def test_gradient_accumulation_and_clipping_stay_the_inner_optimizers():
     np.testing.assert_array_equal(trajectory[1][0] == trajectory[2][0], True)
     assert int(optimizer.iterations) == 2
     assert np.max(np.abs(trajectory[3][0] - trajectory[1][0])) > 0
+    # The same as the wrapper without either, given each pair of gradients
+    # averaged and then clipped to norm 0.5 by hand (Keras clips the
+    # accumulated gradient, per variable); the clipping acted.
+    plain = make()
+    by_hand = make_variables()
+    clipped = 0
+    for first, second in zip(seen[0::2], seen[1::2]):
+        grads = []
+        for a, b in zip(first, second):
+            g = (a + b) / 2
+            norm = np.sqrt(np.sum(g.astype("float64") ** 2))
+            clipped += norm > 0.5
+            grads.append((g * min(1.0, 0.5 / norm)).astype("float32"))
+        apply(plain, grads, by_hand)
+    assert clipped > 0
+    for a, b, path in zip(by_hand, trajectory[3], VARIABLES):
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(a), b, rtol=1e-5, atol=1e-6, err_msg=path
+        )
 
 
 # -- mixed precision, sparse gradients, tf.distribute ------------------------

@@ -165,12 +165,24 @@ def test_the_executors_stepped_one_variable_at_a_time_step_each_alone():
         assert same is alone, name
 
 
-def test_torch_compile_takes_the_eager_step():
+def test_torch_compile_takes_the_eager_step(monkeypatch):
     # Under torch.compile the device order runs (no decision read on the
-    # host, which would break the graph).
+    # host, which would break the graph); eagerly on the CPU the host order.
+    from keras_adamp import _torch_projected
+
+    ran = []
+    for name in ("_step_on_host", "_step_on_device"):
+        order = getattr(_torch_projected, name)
+
+        def counted(*args, order=order, name=name):
+            ran.append(name)
+            return order(*args)
+
+        monkeypatch.setattr(_torch_projected, name, counted)
     x, y = digits(192)
-    results = []
+    results, orders = [], []
     for jit_compile in (False, True):
+        ran.clear()
         model = conv_bn_model(0)
         model.compile(
             optimizer=Projected(keras.optimizers.Lion(learning_rate=1e-3)),
@@ -180,5 +192,7 @@ def test_torch_compile_takes_the_eager_step():
         model.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0)
         assert model.jit_compile is jit_compile
         results.append(model.get_weights())
+        orders.append(set(ran))
+    assert orders == [{"_step_on_host"}, {"_step_on_device"}]
     for got, want in zip(*results):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
