@@ -316,7 +316,7 @@ class Projected(keras.optimizers.Optimizer):
             if sums is not None:
                 # After the last kernel's sums, so that their row blocks
                 # are held one kernel at a time.
-                read, g = _after(w, sums), _after(g, sums)
+                read, g = _after([w, g], sums)
             sums = projection.test_sums(read, g, layout, _BLOCKED_SUMS)
             held[index] = (variable, layout, w, self._decay_rate(variable), sums)
         decided = dict(zip(held, self._decide(list(held.values()))))
@@ -330,7 +330,7 @@ class Projected(keras.optimizers.Optimizer):
             if coef is not None:
                 # The gradient, not the learning rate: an inner may read its
                 # own, and XLA on JAX sees through a scalar's dependency.
-                gradient = _after(gradient, coef)
+                [gradient] = _after([gradient], coef)
             original([gradient], [variable], learning_rate)
             if index in held:
                 coef = self._project(held[index], decided[index], learning_rate)
@@ -525,10 +525,10 @@ def _steps_per_variable(inner):
     )
 
 
-def _after(value, token):
-    """`value`, available only once `token` is computed where ops may run in
-    another order than the program's (a traced or compiled step); `value`
-    itself in eager mode and for sparse gradients.
+def _after(values, token):
+    """The tensors `values`, available only once `token` is computed where
+    ops may run in another order than the program's (a traced or compiled
+    step); `values` themselves in eager mode, and sparse gradients always.
 
     A TensorFlow graph without XLA keeps a control dependency. XLA drops
     control dependencies and optimization barriers before it schedules, so
@@ -539,19 +539,22 @@ def _after(value, token):
     if keras.backend.backend() == "jax":
         import jax
 
-        if not isinstance(value, jax.core.Tracer):
-            return value
+        dense = [isinstance(x, jax.core.Tracer) for x in values]
     else:
         import tensorflow as tf
 
-        if tf.executing_eagerly() or isinstance(value, tf.IndexedSlices):
-            return value
+        if tf.executing_eagerly():
+            return values
+        dense = [not isinstance(x, tf.IndexedSlices) for x in values]
         if not _in_xla_context():
             with tf.control_dependencies([token]):
-                return tf.identity(value)
+                return [tf.identity(x) if d else x for x, d in zip(values, dense)]
+    if not any(dense):
+        return values
     while len(token.shape):
         token = token[0]
-    return value + ops.cast(ops.isnan(token), value.dtype) * 0.0
+    zero = ops.cast(ops.isnan(token), "float32") * 0.0
+    return [x + ops.cast(zero, x.dtype) if d else x for x, d in zip(values, dense)]
 
 
 def _in_xla_context():
