@@ -1,4 +1,5 @@
 import contextlib
+import functools
 
 import keras
 from keras import ops
@@ -12,21 +13,13 @@ from keras_adamp._base import _VariablePlan
 from keras_adamp._base import check_range
 from keras_adamp._base import unique_name
 
-# Whether the sums of the generic step are taken in row blocks
-# (`projection._channel_sums`). On JAX's XLA (jax 0.10) reducing directly is
-# faster here and holds no block buffers (the blocks made the temporaries
-# 2.4 parameters' sizes larger); on TensorFlow's XLA (2.21) the blocked sums
-# are faster and smaller.
+# Whether the generic step's sums are taken in row blocks
+# (`projection._channel_sums`): on TensorFlow's XLA (2.21) the blocked sums
+# are faster; on JAX's XLA (jax 0.10) reducing directly is faster, and with
+# the kernels taken one at a time the blocks did not lower its temporaries
+# either (one kernel of 512^2: SGD 0.81 against 1.00 kernels' sizes, AdamW
+# 1.56 against 1.25). Elsewhere the sums are never blocked.
 _BLOCKED_SUMS = keras.backend.backend() != "jax"
-
-# Whether the generic step decides before the inner's step and then takes
-# the variables one at a time (`Projected._ordered_step`), or steps them all
-# and then decides (`Projected._joint_step`, torch's fallback: eager, where
-# ops run in the program's order). XLA's CPU scheduler runs whatever is
-# ready, breadth first, so the joint step held every updated kernel at once
-# (XLA's temporaries: the inner's plus 1.25 parameters' sizes on TensorFlow,
-# plus 1.0 on JAX); the ordered one holds one kernel's.
-_ORDERED = keras.backend.backend() in ("tensorflow", "jax")
 
 if keras.backend.backend() == "torch":
     from keras_adamp import _torch_projected as _torch_step
@@ -253,52 +246,18 @@ class Projected(keras.optimizers.Optimizer):
             self._tf_distributed_step(grads, variables, learning_rate)
             return
         with context:
-            if _ORDERED:
-                self._ordered_step(original, grads, variables, learning_rate)
-            else:
-                self._joint_step(original, grads, variables, learning_rate)
-
-    def _joint_step(self, original, grads, variables, learning_rate):
-        """The inner's step on every variable, then the projection of every
-        update, the decisions of all of them made in one set of small ops
-        (per dtype of their sums)."""
-        held = []
-        for gradient, variable in zip(grads, variables):
-            layout = self._layout(variable)
-            if layout is not None:
-                held.append(
-                    (
-                        variable,
-                        layout,
-                        self._dense(gradient, variable),
-                        _snapshot(variable),
-                        self._decay_rate(variable),
-                    )
-                )
-        original(grads, variables, learning_rate)
-        groups = {}
-        for variable, layout, g, w, rate in held:
-            d = ops.convert_to_tensor(variable) - w
-            sums = projection.channel_sums(w, g, d, layout, blocks=_BLOCKED_SUMS)
-            key = keras.backend.standardize_dtype(sums.dtype)
-            groups.setdefault(key, []).append(((variable, layout, w, rate), sums))
-        for group in groups.values():
-            results = projection.coefficients(
-                [entry[1] for entry, _ in group],
-                [sums for _, sums in group],
-                self.delta,
-                self.wd_ratio,
-                self.eps,
-            )
-            for (entry, _), (coef, ratio) in zip(group, results):
-                self._correct(*entry, coef, ratio, learning_rate)
+            self._ordered_step(original, grads, variables, learning_rate)
 
     def _ordered_step(self, original, grads, variables, learning_rate):
         """The test of every kernel first (it reads only the gradient and
         the weight), then the inner's step and the projection one variable
         at a time, each next variable's gradient only once the last kernel's
         coefficients are known (`_after`): a compiled step then holds one
-        updated kernel at a time, not all of them.
+        updated kernel at a time, not all of them. XLA's CPU scheduler runs
+        whatever is ready, breadth first: deciding after the inner's step on
+        every kernel held every updated kernel until the last decision (the
+        inner's temporaries plus 1.25 parameters' sizes on TensorFlow, plus
+        1.0 on JAX, 16 kernels).
 
         Where the inner's step is not a loop over its variables (Nadam), it
         runs on all of them at once, and the kernels are then projected one
@@ -320,7 +279,7 @@ class Projected(keras.optimizers.Optimizer):
             sums = projection.test_sums(read, g, layout, _BLOCKED_SUMS)
             held[index] = (variable, layout, w, self._decay_rate(variable), sums)
         decided = dict(zip(held, self._decide(list(held.values()))))
-        if not _steps_per_variable(self.inner_optimizer):
+        if not _steps_per_variable(type(self.inner_optimizer)):
             original(grads, variables, learning_rate)
             for index, entry in held.items():
                 self._project(entry, decided[index], learning_rate)
@@ -365,28 +324,20 @@ class Projected(keras.optimizers.Optimizer):
 
     def _project(self, entry, decision, learning_rate):
         """Projects the update the variable of `entry` (as `_decide`'s
-        `held`) received, as `decision` says; returns its coefficients."""
+        `held`) received, as `decision` says, and gives back part of the
+        inner's decay; returns the coefficients of its correction
+        ``variable - w * coef``, `w` the weight before the inner's step."""
         variable, layout, w, rate, _ = entry
-        wu = projection.radial_sums(
-            w, ops.convert_to_tensor(variable) - w, layout, _BLOCKED_SUMS
-        )
+        now = ops.convert_to_tensor(variable)
+        dtype = now.dtype
+        wu = projection.radial_sums(w, now - w, layout, _BLOCKED_SUMS)
         coef = projection.decided_coefficients(decision, wu)
-        return self._correct(
-            variable, layout, w, rate, coef, decision.ratio, learning_rate
-        )
-
-    def _correct(self, variable, layout, w, rate, coef, ratio, learning_rate):
-        """Assigns `variable - w * coef` per channel, `w` being the weight
-        before the inner's update, with the decay give-back folded into
-        `coef`; returns the coefficients used."""
         if rate:
             # The inner decayed w by (1 - decay); projected weights get
             # (1 - decay * ratio): w * decay (1 - ratio) / (1 - decay) is
             # given back.
             decay = ops.cast(learning_rate, coef.dtype) * rate
-            coef = coef - decay * (1.0 - ratio) / (1.0 - decay)
-        now = ops.convert_to_tensor(variable)
-        dtype = now.dtype
+            coef = coef - decay * (1.0 - decision.ratio) / (1.0 - decay)
         now, w = projection._in_float32(dtype, now, w)
         self.inner_optimizer.assign(
             variable,
@@ -511,15 +462,15 @@ def _check_inner(inner):
         )
 
 
-def _steps_per_variable(inner):
-    """Whether the inner's step is `update_step` on each variable in turn
-    (Keras's own classes whose `_backend_update_step` is the base one or
-    TensorFlow's; not Nadam, whose step first advances a product shared by
-    all variables), so that it can be taken one variable at a time."""
-    owner = next(
-        cls for cls in type(inner).__mro__ if "_backend_update_step" in cls.__dict__
-    )
-    return type(inner).__module__.startswith("keras.") and owner.__module__ in (
+@functools.cache
+def _steps_per_variable(cls):
+    """Whether an inner optimizer of class `cls` steps by `update_step` on
+    each variable in turn (Keras's own classes whose `_backend_update_step`
+    is the base one or TensorFlow's; not Nadam, whose step first advances a
+    product shared by all variables, nor torch's `_foreach` executors), so
+    that its step can be taken one variable at a time."""
+    owner = next(b for b in cls.__mro__ if "_backend_update_step" in b.__dict__)
+    return cls.__module__.startswith("keras.") and owner.__module__ in (
         "keras.src.optimizers.base_optimizer",
         "keras.src.backend.tensorflow.optimizer",
     )
@@ -528,7 +479,8 @@ def _steps_per_variable(inner):
 def _after(values, token):
     """The tensors `values`, available only once `token` is computed where
     ops may run in another order than the program's (a traced or compiled
-    step); `values` themselves in eager mode, and sparse gradients always.
+    step); `values` themselves in eager mode (torch's generic path among
+    it), and sparse gradients always.
 
     A TensorFlow graph without XLA keeps a control dependency. XLA drops
     control dependencies and optimization barriers before it schedules, so
@@ -536,7 +488,10 @@ def _after(values, token):
     exactly `value` (the factor is 0 or 1, never NaN), which XLA does not
     simplify away for a tensor (it did for a scalar on JAX).
     """
-    if keras.backend.backend() == "jax":
+    backend = keras.backend.backend()
+    if backend == "torch":
+        return values  # eager: ops run in the program's order
+    if backend == "jax":
         import jax
 
         dense = [isinstance(x, jax.core.Tracer) for x in values]

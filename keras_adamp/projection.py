@@ -29,6 +29,7 @@ The decision is made on device with ``ops.where``: no Python branch on a tensor
 value, so the code compiles under XLA (``jit_compile=True``, ``jax.jit``).
 """
 
+import collections
 import functools
 import math
 
@@ -330,11 +331,26 @@ def radial_coefficients(w, g, u, layout, delta, wd_ratio, eps):
     return layout.per_element(coef), ratio
 
 
-def channel_sums(w, g, u, layout, blocks=True):
+def channel_sums(w, g, u, layout):
     """The per-channel <g,w>, <g,g>, <w,w>, <w,u> of one variable, `(4, C)`
-    (float32 for 16-bit `u`): all :func:`coefficients` needs of it
-    (`blocks`: as :func:`_channel_sums`)."""
-    return _channel_sums(*_in_float32(u.dtype, w, g, u), layout, blocks)
+    (float32 for 16-bit `u`): all :func:`coefficients` needs of it."""
+    return _channel_sums(*_in_float32(u.dtype, w, g, u), layout)
+
+
+def _outcome(layouts, sums, delta, wd_ratio, eps):
+    """What `_decide` concludes, in the terms the coefficients need:
+    ``(channel_wise, layer_only, denominator, ratio, cols)``, `layer_only`
+    the variables projected as a whole (not channel-wise), `denominator`
+    ``(||w|| + eps)^2`` per column of `cols` and `ratio` the decay ratio per
+    variable (`wd_ratio` if a view passed, else 1)."""
+    channel_wise, layer_wise, cols, norm_w = _decide(layouts, sums, delta, eps)
+    layer_only = ops.logical_and(layer_wise, ops.logical_not(channel_wise))
+    ratio = ops.where(
+        ops.logical_or(channel_wise, layer_wise),
+        ops.cast(wd_ratio, cols.dtype),
+        ops.cast(1.0, cols.dtype),
+    )
+    return channel_wise, layer_only, ops.square(norm_w + eps), ratio, cols
 
 
 def coefficients(layouts, sums, delta, wd_ratio, eps):
@@ -349,31 +365,21 @@ def coefficients(layouts, sums, delta, wd_ratio, eps):
         but `coef` of shape `(num_channels,)` (see :func:`per_channel`).
     """
     layouts = tuple(layouts)
-    channel_wise, layer_wise, cols, norm_w = _decide(layouts, sums, delta, eps)
+    channel_wise, layer_only, denominator, ratio, cols = _outcome(
+        layouts, sums, delta, wd_ratio, eps
+    )
     channels = len(_owners(layouts))
     # <w,u> / (||w|| + eps)^2 per channel, then per variable for the layer.
-    coefs = cols[3] / ops.square(norm_w + eps)
-    layer = ops.where(
-        ops.logical_and(layer_wise, ops.logical_not(channel_wise)),
-        coefs[channels:],
-        ops.zeros_like(coefs[channels:]),
-    )
+    coefs = cols[3] / denominator
+    layer = ops.where(layer_only, coefs[channels:], ops.zeros_like(coefs[channels:]))
     # coef = channel coefs if channel_wise else (layer coef if layer_wise else 0)
     if len(layouts) == 1:
         coef = ops.where(channel_wise, coefs[:channels], layer)
-    else:
-        owners = _owners(layouts)
-        coef = ops.where(
-            ops.take(channel_wise, owners), coefs[:channels], ops.take(layer, owners)
-        )
-    # ratio = wd_ratio if projected else 1
-    ratio = ops.where(
-        ops.logical_or(channel_wise, layer_wise),
-        ops.cast(wd_ratio, cols.dtype),
-        ops.cast(1.0, cols.dtype),
-    )
-    if len(layouts) == 1:
         return [(coef, ratio[0])]
+    owners = _owners(layouts)
+    coef = ops.where(
+        ops.take(channel_wise, owners), coefs[:channels], ops.take(layer, owners)
+    )
     coef = ops.split(coef, _boundaries(layouts)[1:-1])
     return list(zip(coef, ops.unstack(ratio, num=len(layouts))))
 
@@ -392,29 +398,14 @@ def radial_sums(w, u, layout, blocks=True):
     return _pair_sums([(w, u)], layout, blocks)[0]
 
 
-class Decision:
-    """The test's outcome for one variable, as :func:`decisions` gives it:
-    which view passed (`channel_wise`; `layer_only`: the whole tensor and
-    not every channel), the squared ``||w|| + eps`` of the channels and of
-    the tensor, and the decay ratio (`wd_ratio` if a view passed, else 1).
-    All tensors: `channel_denominator` of shape `(C,)`, the rest scalars."""
-
-    __slots__ = (
-        "channel_denominator",
-        "channel_wise",
-        "layer_denominator",
-        "layer_only",
-        "ratio",
-    )
-
-    def __init__(
-        self, channel_wise, layer_only, channel_denominator, layer_denominator, ratio
-    ):
-        self.channel_wise = channel_wise
-        self.layer_only = layer_only
-        self.channel_denominator = channel_denominator
-        self.layer_denominator = layer_denominator
-        self.ratio = ratio
+Decision = collections.namedtuple(
+    "Decision",
+    ["channel_wise", "layer_only", "channel_denominator", "layer_denominator", "ratio"],
+)
+Decision.__doc__ = """The test's outcome for one variable, as :func:`decisions` gives it:
+which view passed (`channel_wise`; `layer_only`: the whole tensor and not
+every channel), ``(||w|| + eps)^2`` of the channels `(C,)` and of the
+tensor, and the decay ratio (`wd_ratio` if a view passed, else 1)."""
 
 
 def decisions(layouts, sums, delta, wd_ratio, eps):
@@ -435,26 +426,21 @@ def decisions(layouts, sums, delta, wd_ratio, eps):
         Per variable, a :class:`Decision`.
     """
     layouts = tuple(layouts)
-    channel_wise, layer_wise, _, norm_w = _decide(layouts, sums, delta, eps)
-    channels = len(_owners(layouts))
-    denominator = ops.square(norm_w + eps)
-    layer_only = ops.logical_and(layer_wise, ops.logical_not(channel_wise))
-    ratio = ops.where(
-        ops.logical_or(channel_wise, layer_wise),
-        ops.cast(wd_ratio, denominator.dtype),
-        ops.cast(1.0, denominator.dtype),
+    channel_wise, layer_only, denominator, ratio, _ = _outcome(
+        layouts, sums, delta, wd_ratio, eps
     )
+    channels = len(_owners(layouts))
     count = len(layouts)
     if count == 1:
-        per_channel_den = [denominator[:channels]]
+        per_channel = [denominator[:channels]]
     else:
-        per_channel_den = ops.split(denominator[:channels], _boundaries(layouts)[1:-1])
+        per_channel = ops.split(denominator[:channels], _boundaries(layouts)[1:-1])
     return [
         Decision(*fields)
         for fields in zip(
             ops.unstack(channel_wise, num=count),
             ops.unstack(layer_only, num=count),
-            per_channel_den,
+            per_channel,
             ops.unstack(denominator[channels:], num=count),
             ops.unstack(ratio, num=count),
         )
@@ -480,7 +466,7 @@ def scale_invariance(w, g, layout, delta, eps):
         An int32 scalar tensor: ``CHANNEL_WISE`` (1), ``LAYER_WISE`` (2) or
         ``NOT_PROJECTED`` (0).
     """
-    sums = _channel_sums(*_in_float32(w.dtype, w, g), None, layout)
+    sums = test_sums(w, g, layout)
     channel_wise, layer_wise, _, _ = _decide((layout,), [sums], delta, eps)
     # CHANNEL_WISE if channel_wise else LAYER_WISE if layer_wise else NOT_PROJECTED
     return ops.where(
@@ -498,7 +484,7 @@ def cosines(w, g, layout, eps):
         ``(num_channels,)``, and |cos(g, w)| of the whole tensor, computed as
         the optimizer computes them (float32 for 16-bit variables).
     """
-    sums = _channel_sums(*_in_float32(w.dtype, w, g), None, layout)
+    sums = test_sums(w, g, layout)
     cols = ops.concatenate([sums, ops.sum(sums, axis=1, keepdims=True)], axis=1)
     _, cos = _columns(cols, eps)
     return cos[: layout.num_channels], cos[layout.num_channels]
